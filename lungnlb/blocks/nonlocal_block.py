@@ -1,0 +1,103 @@
+"""Grid non-local block with the paper's localized and symmetric modifications (§III.B-E).
+
+For x of shape (B, C, H, W) cut into an n x n grid (see `tokenize`), with 1x1 convolutions
+f, g, h: C -> C' (queries, keys, values), v: C' -> C and W: C -> C applied per pixel:
+
+    q_i, k_i, v_i = tokens of f(x), g(x), h(x)           each of dimension d_k = C' * ph * pw
+    s_ij  = q_i . k_j / sqrt(d_k)                          (basic)
+    s_ij  = D_ij * q_i . k_j / sqrt(d_k)                   (localized, D = locality_weights)
+    a_ij  = softmax_j(s_ij)                                (float32)
+    O_i   = v(sum_j a_ij v_j)                              (basic, localized)
+    O_i   = v(theta_i * sum_j a_ij v_j)                    (symmetry; theta = symmetry_gate(x))
+    Y     = W(O) + X
+
+W starts at zero, so the block is the identity at initialisation; W receives gradient from the
+first step and the projections from the step after (once W is non-zero).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .locality import DISTANCES, locality_weights
+from .symmetry import symmetry_gate
+from .tokenize import check_grid_divides, grid_to_tokens, tokens_to_grid
+
+VARIANTS = ("basic", "localized", "symmetry", "symmetry_localized")
+
+
+class NonLocalBlock2d(nn.Module):
+    """Non-local attention between the n x n grid cells of a 2D feature map.
+
+    Args:
+        in_channels: C, channels of the input and output.
+        grid: n, the map is cut into n x n cells (H and W must be divisible by n).
+        variant: "basic", "localized" (logits scaled by D_ij), "symmetry" (output gated by theta_i)
+            or "symmetry_localized" (both).
+        inner_channels: C', channels of queries, keys and values; default max(C // 4, 1).
+        distance: "paper" or "chebyshev", the dist(i, j) of the localized variants.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        grid: int = 8,
+        variant: str = "basic",
+        inner_channels: int | None = None,
+        distance: str = "paper",
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        inner = inner_channels if inner_channels is not None else max(in_channels // 4, 1)
+        self.in_channels, self.inner_channels, self.grid = in_channels, inner, grid
+        self.variant, self.distance = variant, distance
+        self.localized = variant in ("localized", "symmetry_localized")
+        self.symmetric = variant in ("symmetry", "symmetry_localized")
+        self.query = nn.Conv2d(in_channels, inner, kernel_size=1)
+        self.key = nn.Conv2d(in_channels, inner, kernel_size=1)
+        self.value = nn.Conv2d(in_channels, inner, kernel_size=1)
+        self.out = nn.Conv2d(inner, in_channels, kernel_size=1)
+        self.residual = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        nn.init.zeros_(self.residual.weight)
+        nn.init.zeros_(self.residual.bias)
+        locality = locality_weights(grid, distance) if self.localized else torch.ones(0)
+        self.register_buffer("locality", locality, persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, inner_channels={self.inner_channels}, grid={self.grid}, "
+            f"variant={self.variant!r}, distance={self.distance!r}"
+        )
+
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> (B, C, H, W); with return_attention also the (B, n*n, n*n) attention."""
+        batch, channels, height, width = x.shape
+        check_grid_divides(height, width, self.grid)
+        attended, attention = self._attend(x)
+        if self.symmetric:
+            attended = attended * symmetry_gate(x, self.grid).unsqueeze(-1)
+        mixed = tokens_to_grid(attended, self.grid, self.inner_channels, height, width)
+        y = self.residual(self.out(mixed.to(x.dtype))) + x
+        return (y, attention) if return_attention else y
+
+    def _attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens sum_j a_ij v_j (B, n*n, d_k) and the attention a (B, n*n, n*n), both float32."""
+        queries = grid_to_tokens(self.query(x), self.grid)
+        keys = grid_to_tokens(self.key(x), self.grid)
+        values = grid_to_tokens(self.value(x), self.grid)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = torch.bmm(queries.float(), keys.float().transpose(1, 2))
+            logits = logits * (1.0 / math.sqrt(queries.shape[-1]))
+            if self.localized:
+                logits = logits * self.locality
+            attention = torch.softmax(logits, dim=-1)
+            attended = torch.bmm(attention, values.float())
+        return attended, attention

@@ -1,0 +1,104 @@
+"""2D U-Net (MONAI BasicUNet) with a classification head and optional non-local blocks.
+
+The segmentation path is exactly MONAI's BasicUNet; the additions are
+
+- non-local blocks (`lungnlb.blocks.NonLocalBlock2d`) applied to the encoder output of the chosen
+  levels (level l has spatial size H / 2**l), so both the skip connection and the deeper encoder
+  see the attended features (paper Fig. 1: blocks at intermediate scales);
+- an optional `bottleneck` module applied to the deepest features (used by `unet_sa`);
+- a classification head: global average pooling of the bottleneck features + linear -> 1 logit
+  ("neoplasm present").
+
+`forward(x)` returns {"seg": (B, 1, H, W) logits, "cls": (B, 1) logits}; with
+`return_attention=True` also {"attention": {block name: (B, n*n, n*n)}}.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import BasicUNet
+from torch import nn
+
+from ..blocks import NonLocalBlock2d
+
+FEATURES = (32, 32, 64, 128, 256, 32)
+DEPTH = 4  # BasicUNet halves the size four times
+
+
+def unet_size_divisor(nlb_levels: Sequence[int] = (), grid: int = 8) -> int:
+    """Smallest d such that H, W divisible by d fit the U-Net and every block's grid."""
+    divisor = 2**DEPTH
+    for level in nlb_levels:
+        divisor = math.lcm(divisor, 2**level * grid)
+    return divisor
+
+
+def check_input_size(x: torch.Tensor, divisor: int, name: str) -> None:
+    """Raise ValueError naming the size and the divisor unless H and W are multiples of it."""
+    height, width = x.shape[-2:]
+    if height % divisor or width % divisor:
+        raise ValueError(f"{name} needs height and width divisible by {divisor}, got {height}x{width}")
+
+
+class SegClsUNet(nn.Module):
+    """BasicUNet segmentation + bottleneck classification, with non-local blocks at `nlb_levels`.
+
+    Args:
+        in_channels: input channels (1 for CT).
+        nlb_variant: None (plain U-Net) or a `NonLocalBlock2d` variant.
+        nlb_levels: encoder levels (1..4) that get a block; level l has size H / 2**l.
+        grid, inner_channels, distance: passed to every `NonLocalBlock2d`.
+        bottleneck: module applied to the level-4 features, shape preserving (None: identity).
+        features: BasicUNet's six feature sizes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        nlb_variant: str | None = None,
+        nlb_levels: Sequence[int] = (2, 3),
+        grid: int = 8,
+        inner_channels: int | None = None,
+        distance: str = "paper",
+        bottleneck: nn.Module | None = None,
+        features: Sequence[int] = FEATURES,
+        name: str = "SegClsUNet",
+    ) -> None:
+        super().__init__()
+        levels = tuple(sorted(set(nlb_levels))) if nlb_variant is not None else ()
+        if any(level not in range(1, DEPTH + 1) for level in levels):
+            raise ValueError(f"nlb_levels must be within 1..{DEPTH}, got {tuple(nlb_levels)}")
+        self.name = name
+        self.unet = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=1, features=features)
+        self.nlb = nn.ModuleDict(
+            {
+                f"level{level}": NonLocalBlock2d(features[level], grid, nlb_variant, inner_channels, distance)
+                for level in levels
+            }
+        )
+        self.bottleneck = bottleneck if bottleneck is not None else nn.Identity()
+        self.classifier = nn.Linear(features[DEPTH], 1)
+        self.size_divisor = unet_size_divisor(levels, grid)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> dict:
+        check_input_size(x, self.size_divisor, self.name)
+        unet, attention = self.unet, {}
+        skips = [unet.conv_0(x)]
+        for level, down in enumerate((unet.down_1, unet.down_2, unet.down_3, unet.down_4), start=1):
+            features = down(skips[-1])
+            block = self.nlb[f"level{level}"] if f"level{level}" in self.nlb else None
+            if block is not None:
+                features, attention[f"level{level}"] = block(features, return_attention=True)
+            skips.append(features)
+        deepest = self.bottleneck(skips[DEPTH])
+        up = unet.upcat_4(deepest, skips[3])
+        up = unet.upcat_3(up, skips[2])
+        up = unet.upcat_2(up, skips[1])
+        up = unet.upcat_1(up, skips[0])
+        output = {"seg": unet.final_conv(up), "cls": self.classifier(deepest.mean(dim=(2, 3)))}
+        if return_attention:
+            output["attention"] = attention
+        return output
