@@ -1,0 +1,67 @@
+"""Segment a CT slice with the NLB U-Net and write a PNG overlay (defaults: the bundled sample and shipped weights).
+
+For a volume the slice with the highest tumour probability is shown. Where the image has an `original`
+label in a prepared studies folder, its contour is drawn too, so the model can be compared with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_STUDIES = Path(__file__).resolve().parents[2] / "sample_data" / "studies"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", type=Path, help="CT image (DICOM file or series folder, NIfTI, NRRD, PNG/JPEG); "
+                        "default: a tumour image of the bundled sample")
+    parser.add_argument("--checkpoint", type=Path, help="model checkpoint (.pt); default: the shipped weights")
+    parser.add_argument("--out", type=Path, default=Path("lungnlb_demo.png"), help="PNG to write")
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is tumour")
+
+
+def default_sample_image(studies: Path = SAMPLE_STUDIES) -> Path:
+    """The first image of the bundled studies folder whose sidecar says a neoplasm is present."""
+    for sidecar in sorted((studies / "meta").glob("*.json")):
+        if json.loads(sidecar.read_text()).get("class_label") == 1:
+            return studies / f"{sidecar.stem}.nii.gz"
+    raise FileNotFoundError(f"no image with a tumour in the bundled sample {studies}")
+
+
+def original_label(image_path: Path) -> np.ndarray | None:
+    """The `labels/original` mask beside an image of a prepared studies folder, if there is one."""
+    from lungnlb.io import read_image
+
+    candidate = image_path.parent / "labels" / "original" / image_path.name
+    return read_image(candidate).array > 0 if candidate.exists() else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from lungnlb.checkpoint import default_checkpoint_path, load_model
+    from lungnlb.inference import Predictor
+    from lungnlb.io import read_image
+    from lungnlb.visualize import save_overlay
+
+    image_path = args.image or default_sample_image()
+    checkpoint = args.checkpoint or default_checkpoint_path()
+    if checkpoint is None:
+        raise FileNotFoundError("no trained weights are shipped with this install; pass --checkpoint")
+    model, config = load_model(checkpoint)
+    image = read_image(image_path)
+    result = Predictor(model, config).predict(image.array, image.intensity)
+
+    slices = image.array if image.array.ndim == 3 else image.array[None]
+    probability = result.probability if image.array.ndim == 3 else result.probability[None]
+    slice_probability = np.atleast_1d(result.slice_probability)
+    z = int(np.argmax(slice_probability))
+    reference = original_label(image_path)
+    if reference is not None and reference.ndim == 3:
+        reference = reference[z]
+    save_overlay(args.out, slices[z], probability[z] >= args.threshold, reference,
+                 title=f"{image_path.name}  slice {z}  tumour probability {slice_probability[z]:.2f}")
+    print(f"tumour probability {slice_probability[z]:.3f} (slice {z}); "
+          f"mask {int((probability[z] >= args.threshold).sum())} px; overlay written to {args.out}")
+    return 0
