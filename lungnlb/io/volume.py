@@ -1,0 +1,89 @@
+"""NIfTI and NRRD volumes or slices <-> `ImageData`, and the atomic NIfTI writer.
+
+On disk the data array is in (X, Y[, Z]) order (column, row, slice) with an affine to RAS; in
+memory `ImageData.array` is the transpose, (Z, Y, X) / (Y, X).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+
+from lungnlb.io.image import ImageData, ImageReadError
+
+LPS_SPACES = {"left-posterior-superior", "LPS"}
+RAS_SPACES = {"right-anterior-superior", "RAS"}
+
+
+def read_nifti(path: str | Path, intensity: str) -> ImageData:
+    """A 2D or 3D NIfTI file -> `ImageData` with the file's affine (qform/sform as nibabel resolves it)."""
+    path = Path(path)
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:
+        raise ImageReadError(path, f"unreadable or corrupt NIfTI file ({type(error).__name__}: {error})") from error
+    data = np.squeeze(data, axis=tuple(range(3, data.ndim))) if data.ndim > 3 else data
+    if data.ndim not in (2, 3):
+        raise ImageReadError(path, f"wrong dimensionality: expected a 2D slice or 3D volume, got shape {data.shape}")
+    scale = image.dataobj.slope if hasattr(image.dataobj, "slope") else 1.0
+    array = np.asarray(data, dtype=np.float32) if scale in (None, 1.0) else np.asarray(image.get_fdata(), dtype=np.float32)
+    return ImageData(array.T.copy(), image.affine, intensity, {"source_files": [str(path)]})
+
+
+def read_nrrd(path: str | Path, intensity: str) -> ImageData:
+    """A 2D or 3D NRRD file -> `ImageData`; an LPS space is converted to the RAS affine."""
+    path = Path(path)
+    try:
+        data, header = nrrd.read(str(path), index_order="F")
+    except Exception as error:
+        raise ImageReadError(path, f"unreadable or corrupt NRRD file ({type(error).__name__}: {error})") from error
+    if data.ndim not in (2, 3):
+        raise ImageReadError(path, f"wrong dimensionality: expected a 2D slice or 3D volume, got shape {data.shape}")
+    return ImageData(np.asarray(data, dtype=np.float32).T.copy(), _nrrd_affine(header, data.ndim), intensity, {"source_files": [str(path)]})
+
+
+def _nrrd_affine(header: dict, ndim: int) -> np.ndarray:
+    affine = np.eye(4)
+    directions = header.get("space directions")
+    if directions is not None:
+        directions = np.asarray([d for d in directions if d is not None and not np.any(np.isnan(np.asarray(d, dtype=float)))], dtype=float)
+        affine[: directions.shape[1], :ndim] = directions.T[:, :ndim]
+    origin = header.get("space origin")
+    if origin is not None:
+        affine[: len(origin), 3] = np.asarray(origin, dtype=float)
+    if header.get("space") in LPS_SPACES:
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    return affine
+
+
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype: type = np.float32) -> Path:
+    """Write ``array`` ((Z, Y, X) or (Y, X), `ImageData` order) as NIfTI at ``path``, atomically.
+
+    The file holds the transpose (X, Y[, Z]) with ``affine`` as both qform and sform (code 1,
+    scanner), so MONAI's LoadImage, ITK and 3D Slicer place it identically. The data go to a
+    temporary file in the target folder first and are moved in place with ``os.replace``.
+    """
+    path = Path(path)
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{path}: write_nifti needs a 2D or 3D array, got shape {array.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(np.asarray(array, dtype=dtype).T, np.asarray(affine, dtype=np.float64))
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
