@@ -1,0 +1,126 @@
+"""Slice-level metrics and the policy for tumour-free slices.
+
+Segmentation (binary masks, prediction = probability > threshold):
+
+    Dice = 2|P ∩ G| / (|P| + |G|),  IoU = |P ∩ G| / |P ∪ G|
+
+averaged over slices whose ground-truth mask is non-empty (tumour slices) only — on a tumour-free
+slice both are undefined (0/0) or 0 for any false-positive pixel, so they would measure something
+else. Tumour-free slices with a mask are scored by the false-positive rate instead: the fraction of
+them on which the predicted mask is non-empty.
+
+Classification (neoplasm present = 1, score = sigmoid of the cls head, prediction = score > threshold):
+precision, recall, F1 of the positive class, accuracy, and the average precision (area under the
+precision-recall curve, step interpolation).
+
+95% confidence intervals: percentile bootstrap over slices (`bootstrap_ci`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+
+def dice_iou(prediction: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """Dice and IoU of two boolean masks (1.0, 1.0 when both are empty)."""
+    prediction, target = np.asarray(prediction, bool), np.asarray(target, bool)
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction shape {prediction.shape} differs from target shape {target.shape}")
+    intersection = np.logical_and(prediction, target).sum()
+    total = prediction.sum() + target.sum()
+    if total == 0:
+        return 1.0, 1.0
+    union = total - intersection
+    return float(2 * intersection / total), float(intersection / union)
+
+
+def per_slice_segmentation(
+    probabilities: list[np.ndarray], masks: list[np.ndarray], threshold: float = 0.5
+) -> dict[str, np.ndarray]:
+    """Per-slice arrays: dice, iou (NaN on tumour-free slices), tumour (bool), false_positive (bool)."""
+    dice, iou, tumour, false_positive = [], [], [], []
+    for probability, mask in zip(probabilities, masks, strict=True):
+        prediction = np.asarray(probability) > threshold
+        has_tumour = bool(np.asarray(mask).any())
+        d, i = dice_iou(prediction, mask) if has_tumour else (np.nan, np.nan)
+        dice.append(d)
+        iou.append(i)
+        tumour.append(has_tumour)
+        false_positive.append(not has_tumour and bool(prediction.any()))
+    return {"dice": np.array(dice), "iou": np.array(iou), "tumour": np.array(tumour, bool),
+            "false_positive": np.array(false_positive, bool)}
+
+
+def summarize_segmentation(per_slice: dict[str, np.ndarray]) -> dict[str, float | int | None]:
+    """Mean Dice / IoU over tumour slices, false-positive rate over tumour-free slices."""
+    tumour = per_slice["tumour"]
+    empty = ~tumour
+    return {
+        "dice": float(np.mean(per_slice["dice"][tumour])) if tumour.any() else None,
+        "iou": float(np.mean(per_slice["iou"][tumour])) if tumour.any() else None,
+        "false_positive_rate": float(np.mean(per_slice["false_positive"][empty])) if empty.any() else None,
+        "n_tumour_slices": int(tumour.sum()),
+        "n_tumour_free_slices": int(empty.sum()),
+    }
+
+
+def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float | int]:
+    """Precision, recall, F1 (positive = neoplasm), accuracy, average precision, counts."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels).astype(bool)
+    predicted = scores > threshold
+    tp = int(np.sum(predicted & labels))
+    fp = int(np.sum(predicted & ~labels))
+    fn = int(np.sum(~predicted & labels))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "accuracy": float(np.mean(predicted == labels)) if len(labels) else 0.0,
+        "average_precision": average_precision(scores, labels),
+        "n_positive": int(labels.sum()),
+        "n_negative": int((~labels).sum()),
+    }
+
+
+def precision_recall_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at every distinct score threshold (descending scores)."""
+    order = np.argsort(-np.asarray(scores, float), kind="stable")
+    hits = np.asarray(labels, bool)[order]
+    tp = np.cumsum(hits)
+    fp = np.cumsum(~hits)
+    positives = max(int(hits.sum()), 1)
+    return tp / np.maximum(tp + fp, 1), tp / positives
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AP = sum_k (R_k - R_{k-1}) P_k over descending score thresholds; 0 without positives."""
+    labels = np.asarray(labels, bool)
+    if not labels.any():
+        return 0.0
+    precision, recall = precision_recall_curve(scores, labels)
+    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float | None], n_items: int, n_resamples: int = 1000, seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of `statistic(indices)` resampling `n_items` items with replacement."""
+    if n_items == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        value = statistic(rng.integers(0, n_items, n_items))
+        if value is not None and np.isfinite(value):
+            values.append(value)
+    if not values:
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)

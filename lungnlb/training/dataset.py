@@ -1,0 +1,161 @@
+"""Labelled 2D slices from a prepared studies folder (what `lungnlb prepare` writes).
+
+    <studies>/<image_id>.nii.gz, <studies>/labels/original/<image_id>.nii.gz, <studies>/meta/<image_id>.json
+
+One `SliceSample` per labelled slice:
+- 2D image with a mask: segmentation sample; its class is the sidecar `class_label`, or whether the
+  mask is non-empty when that is unknown.
+- 2D image with only a class label: classification-only sample (no mask: the seg head is not trained on it).
+- volume: each z in `labelled_slices` (mask meaningful there) is a segmentation sample with class
+  `slice_class_labels[z]` (or mask non-empty); each further z in `slice_class_labels` is classification-only.
+
+Every slice goes through `lungnlb.io.intensity.to_model_input` (the one intensity mapping) and is
+resized to the training input size (bilinear; masks bilinear then > 0.5), so samples are
+(1, H, W) float32 in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lungnlb.inference import resize_batch
+
+IMAGE_SUFFIX = ".nii.gz"
+
+
+@dataclass
+class SliceSample:
+    """One labelled slice, already mapped to [0, 1] and resized: image (H, W), mask (H, W) bool or None."""
+
+    image_id: str
+    case: str
+    source: str
+    z: int
+    image: np.ndarray
+    mask: np.ndarray | None
+    class_label: int | None
+
+
+def read_records(studies: str | Path) -> list[dict[str, Any]]:
+    """Read every sidecar of a prepared studies folder; each record gets `image_id`."""
+    studies = Path(studies)
+    meta_dir = studies / "meta"
+    if not meta_dir.is_dir():
+        raise FileNotFoundError(f"{studies} is not a prepared studies folder: no meta/ folder of sidecars")
+    records = []
+    for meta_path in sorted(meta_dir.glob("*.json")):
+        record = json.loads(meta_path.read_text(encoding="utf-8"))
+        record["image_id"] = meta_path.name[: -len(".json")]
+        for key in ("case", "source", "intensity"):
+            if key not in record:
+                raise ValueError(f"sidecar {meta_path} has no '{key}'")
+        records.append(record)
+    if not records:
+        raise ValueError(f"prepared studies folder {studies} has no sidecars in meta/")
+    return records
+
+
+def _resize(array: np.ndarray, size: tuple[int, int], is_mask: bool = False) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    resized = resize_batch(tensor, size)[0, 0].numpy()
+    return resized > 0.5 if is_mask else resized.astype(np.float32)
+
+
+def slice_plan(record: dict[str, Any], mask: np.ndarray | None, ndim: int) -> list[tuple[int, bool, int | None]]:
+    """(z, has_mask, class_label) for every labelled slice of one image."""
+    if ndim == 2:
+        has_mask = mask is not None and 0 in record.get("labelled_slices", [0])
+        label = record.get("class_label")
+        if label is None and has_mask:
+            label = int(mask.any())
+        return [(0, has_mask, label)] if has_mask or label is not None else []
+    known = {int(z): int(v) for z, v in (record.get("slice_class_labels") or {}).items() if v is not None}
+    plan = []
+    labelled = sorted(int(z) for z in record.get("labelled_slices", [])) if mask is not None else []
+    for z in labelled:
+        plan.append((z, True, known.get(z, int(mask[z].any()))))
+    plan += [(z, False, label) for z, label in sorted(known.items()) if z not in set(labelled)]
+    return plan
+
+
+def load_image_slices(
+    studies: str | Path, record: dict[str, Any], input_size: tuple[int, int] | None
+) -> list[SliceSample]:
+    """All labelled slices of one prepared image (resized to `input_size` unless None)."""
+    from lungnlb.io import read_image
+    from lungnlb.io.intensity import to_model_input
+
+    studies = Path(studies)
+    image_id = record["image_id"]
+    image = read_image(studies / f"{image_id}{IMAGE_SUFFIX}")
+    mask_path = studies / "labels" / "original" / f"{image_id}{IMAGE_SUFFIX}"
+    mask = read_image(mask_path).array > 0.5 if mask_path.is_file() else None
+    if mask is not None and mask.shape != image.array.shape:
+        raise ValueError(f"mask {mask_path} has shape {mask.shape}, image has {image.array.shape}")
+    array = to_model_input(image.array, record.get("intensity", image.intensity))
+    samples = []
+    for z, has_mask, label in slice_plan(record, mask, array.ndim):
+        plane = array if array.ndim == 2 else array[z]
+        plane_mask = (mask if mask.ndim == 2 else mask[z]) if has_mask else None
+        if input_size is not None:
+            plane = _resize(plane, input_size)
+            plane_mask = None if plane_mask is None else _resize(plane_mask, input_size, is_mask=True)
+        samples.append(SliceSample(image_id, record["case"], record["source"], z,
+                                   plane.astype(np.float32), plane_mask, label))
+    return samples
+
+
+def load_slices(
+    studies: str | Path,
+    input_size: tuple[int, int] | None,
+    image_ids: list[str] | None = None,
+    records: list[dict[str, Any]] | None = None,
+    progress: bool = False,
+) -> list[SliceSample]:
+    """Labelled slices of the images `image_ids` (all when None) of a prepared studies folder."""
+    records = records if records is not None else read_records(studies)
+    if image_ids is not None:
+        wanted = set(image_ids)
+        records = [record for record in records if record["image_id"] in wanted]
+    if progress:
+        from tqdm.auto import tqdm
+
+        records = tqdm(records, desc="loading slices", unit="image")
+    return [sample for record in records for sample in load_image_slices(studies, record, input_size)]
+
+
+class SliceDataset(Dataset):
+    """Torch dataset over `SliceSample`s; items are dicts for MONAI dictionary transforms:
+
+    image (1, H, W) float32, mask (1, H, W) float32 (zeros when absent), has_mask (bool tensor),
+    label (1,) float32 (0 when absent), has_label (bool tensor).
+    """
+
+    def __init__(self, samples: list[SliceSample], transform: Callable | None = None) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[index]
+        image = torch.from_numpy(sample.image)[None]
+        mask = torch.zeros_like(image) if sample.mask is None else torch.from_numpy(sample.mask.astype(np.float32))[None]
+        item = {"image": image, "mask": mask}
+        if self.transform is not None:
+            item = self.transform(item)
+        return {
+            "image": torch.as_tensor(item["image"]).float(),
+            "mask": (torch.as_tensor(item["mask"]) > 0.5).float(),
+            "has_mask": torch.tensor(sample.mask is not None),
+            "label": torch.tensor([float(sample.class_label or 0)]),
+            "has_label": torch.tensor(sample.class_label is not None),
+        }

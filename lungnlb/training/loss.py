@@ -1,0 +1,49 @@
+"""Multi-task loss: segmentation on samples with a mask, classification on samples with a class label.
+
+    L = w_seg * DiceCE(seg[m], mask[m]) + w_cls * BCE(cls[c], label[c])
+
+m = samples with a mask, c = samples with a class label (masked per sample; a term with no samples
+in the batch contributes 0 * logits so every parameter stays in the graph, as DDP requires).
+DiceCE is MONAI's `DiceCELoss(sigmoid=True)`: soft Dice per sample plus binary cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+
+class MultiTaskLoss(nn.Module):
+    """Weighted sum of masked DiceCE (seg head) and BCE-with-logits (cls head).
+
+    forward(output {"seg": (B,1,H,W), "cls": (B,1)}, batch {"mask", "has_mask", "label", "has_label"})
+    -> (total scalar, {"seg": float, "cls": float})
+    """
+
+    def __init__(self, seg_weight: float = 1.0, cls_weight: float = 1.0) -> None:
+        super().__init__()
+        if seg_weight < 0 or cls_weight < 0:
+            raise ValueError(f"loss weights must be >= 0, got seg {seg_weight}, cls {cls_weight}")
+        self.seg_weight = seg_weight
+        self.cls_weight = cls_weight
+        self.seg_loss = DiceCELoss(sigmoid=True)
+        self.cls_loss = nn.BCEWithLogitsLoss()
+
+    def forward(
+        self, output: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        parts: dict[str, torch.Tensor] = {}
+        if "seg" in output:
+            parts["seg"] = self._masked(self.seg_loss, output["seg"].float(), batch["mask"], batch["has_mask"])
+        parts["cls"] = self._masked(self.cls_loss, output["cls"].float(), batch["label"], batch["has_label"])
+        weights = {"seg": self.seg_weight, "cls": self.cls_weight}
+        total = sum(weights[name] * value for name, value in parts.items())
+        return total, {name: float(value.detach()) for name, value in parts.items()}
+
+    @staticmethod
+    def _masked(loss: nn.Module, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        keep = keep.bool().reshape(-1)
+        if not keep.any():
+            return 0.0 * logits.sum()
+        return loss(logits[keep], target[keep].to(logits.dtype))

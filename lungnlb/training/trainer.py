@@ -1,0 +1,357 @@
+"""The training loop: step-based, multi-task, resumable, single process or DDP under `torchrun`.
+
+One step = one batch per process. Batches are drawn with replacement from the training slices;
+`seg_fraction` (when set) is the expected share of slices with a mask in a batch, so the few
+segmentation slices are not drowned by the many classification-only ones. Validation (rank 0)
+runs every `val_every` steps and at the end; `best` keeps the highest validation score
+(mean of Dice over tumour slices and F1, whichever exist), `last` the latest weights plus the
+optimiser state for `--resume`. Learning rate: linear warm-up over 5% of the steps, then cosine to 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from lungnlb.checkpoint import load_training_state, save_checkpoint, save_training_state
+from lungnlb.evaluation.metrics import classification_metrics, per_slice_segmentation, summarize_segmentation
+from lungnlb.training.augment import train_transforms
+from lungnlb.training.dataset import SliceDataset, SliceSample, load_slices, read_records
+from lungnlb.training.loss import MultiTaskLoss
+from lungnlb.training.split import all_train_split, load_split, make_split, save_split
+
+LICENCES = {
+    "lidc-idri": "LIDC-IDRI, Armato et al., TCIA 2015, doi:10.7937/K9/TCIA.2015.LO9QL9SX, CC BY 3.0",
+    "iq-othnccd": "IQ-OTH/NCCD, Alyasriy & Al-Huseiny, Mendeley Data 2021, doi:10.17632/bhmdr45bh2, CC BY 4.0",
+    "lung-pet-ct-dx": "Lung-PET-CT-Dx, Li et al., TCIA 2020, doi:10.7937/TCIA.2020.NNC20461, CC BY 4.0",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved into every checkpoint config under "train"."""
+
+    data: str
+    out: str
+    model: str = "unet_sl_nlb"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_size: int = 256
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seg_weight: float = 1.0
+    cls_weight: float = 1.0
+    seg_fraction: float | None = 0.5
+    grad_clip: float = 1.0
+    seed: int = 0
+    val_every: int = 200
+    split: str | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    all_data: bool = False
+    amp: bool = True
+    device: str | None = None
+    num_workers: int = 0
+    resume: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+    augment: bool = True
+
+
+class WeightedShardSampler(Sampler[int]):
+    """Draw `len(weights)` indices with replacement per epoch (seeded by seed + epoch), this rank's share.
+
+    All ranks draw the same sequence and take every `world_size`-th element, so shards are disjoint.
+    """
+
+    def __init__(self, weights: np.ndarray, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+        self.per_rank = math.ceil(len(weights) / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        drawn = torch.multinomial(self.weights, self.per_rank * self.world_size, replacement=True, generator=generator)
+        return iter(drawn[self.rank :: self.world_size].tolist())
+
+
+def sample_weights(samples: list[SliceSample], seg_fraction: float | None) -> np.ndarray:
+    """Uniform weights, or weights giving slices with a mask a total probability of `seg_fraction`."""
+    has_mask = np.array([sample.mask is not None for sample in samples])
+    if seg_fraction is None or has_mask.all() or not has_mask.any():
+        return np.ones(len(samples))
+    return np.where(has_mask, seg_fraction / has_mask.sum(), (1 - seg_fraction) / (~has_mask).sum())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world_size); initialises the process group under torchrun (nccl on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pick_device(config: TrainConfig, rank: int) -> torch.device:
+    if config.device:
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_samples(
+    model: nn.Module, samples: list[SliceSample], device: torch.device, batch_size: int = 16
+) -> tuple[list[np.ndarray] | None, np.ndarray]:
+    """Mask probabilities (at the samples' size) and slice scores for already-resized samples."""
+    model.eval()
+    masks, scores = [], []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = torch.from_numpy(np.stack([s.image for s in chunk])[:, None]).to(device)
+        output = model(batch)
+        scores.append(torch.sigmoid(output["cls"].float()).reshape(-1).cpu().numpy())
+        if "seg" in output:
+            masks += list(torch.sigmoid(output["seg"].float())[:, 0].cpu().numpy())
+    return (masks or None), (np.concatenate(scores) if scores else np.zeros(0))
+
+
+def validation_metrics(model: nn.Module, samples: list[SliceSample], device: torch.device) -> dict[str, Any]:
+    """Dice/IoU/false-positive rate on slices with masks, P/R/F1 on slices with class labels."""
+    probabilities, scores = predict_samples(model, samples, device)
+    metrics: dict[str, Any] = {}
+    seg_index = [i for i, s in enumerate(samples) if s.mask is not None]
+    if probabilities is not None and seg_index:
+        per_slice = per_slice_segmentation([probabilities[i] for i in seg_index], [samples[i].mask for i in seg_index])
+        metrics.update(summarize_segmentation(per_slice))
+    cls_index = [i for i, s in enumerate(samples) if s.class_label is not None]
+    if cls_index:
+        labels = np.array([samples[i].class_label for i in cls_index])
+        metrics.update(classification_metrics(scores[cls_index], labels))
+    return metrics
+
+
+def validation_score(metrics: dict[str, Any]) -> float:
+    values = [metrics[key] for key in ("dice", "f1") if metrics.get(key) is not None]
+    return float(np.mean(values)) if values else float("-inf")
+
+
+def data_summary(studies: str, samples: list[SliceSample], split: dict[str, Any]) -> dict[str, Any]:
+    """What a model was trained on: per source, images, cases, slices with masks, class counts; licences."""
+    by_source: dict[str, dict[str, Any]] = {}
+    for sample in samples:
+        entry = by_source.setdefault(sample.source, {"images": set(), "cases": set(), "mask_slices": 0,
+                                                     "positive_slices": 0, "negative_slices": 0})
+        entry["images"].add(sample.image_id)
+        entry["cases"].add(sample.case)
+        entry["mask_slices"] += sample.mask is not None
+        entry["positive_slices"] += sample.class_label == 1
+        entry["negative_slices"] += sample.class_label == 0
+    sources = {
+        name: {**{k: (len(v) if isinstance(v, set) else int(v)) for k, v in entry.items()},
+               "licence": LICENCES.get(name, "see the sidecar attribution")}
+        for name, entry in sorted(by_source.items())
+    }
+    return {"studies": str(studies), "train_slices": len(samples), "sources": sources,
+            "split_seed": split.get("seed"), "held_out_cases": {k: split["cases"][k] for k in ("val", "test")}}
+
+
+def _lr_lambda(total_steps: int):
+    warmup = max(1, int(0.05 * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _infinite_batches(loader: DataLoader, sampler: WeightedShardSampler, epoch: int):
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def resolve_split(config: TrainConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
+    if config.split:
+        return load_split(config.split, records)
+    if config.all_data:
+        return all_train_split(records)
+    return make_split(records, seed=config.seed, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+
+
+def build_network(config: TrainConfig) -> nn.Module:
+    from lungnlb.networks import build_model, size_divisor
+
+    divisor = size_divisor(config.model, **config.model_kwargs)
+    if config.input_size % divisor:
+        raise ValueError(f"input size {config.input_size} is not divisible by {divisor}, as {config.model} needs")
+    return build_model(config.model, in_channels=1, **config.model_kwargs)
+
+
+def checkpoint_config(config: TrainConfig, summary: dict[str, Any], metrics: dict[str, Any], step: int) -> dict:
+    return {
+        "model": {"name": config.model, "kwargs": config.model_kwargs, "in_channels": 1},
+        "input_size": [config.input_size, config.input_size],
+        "intensity": {"mapping": "lungnlb.io.intensity.to_model_input", "window": None},
+        "threshold": 0.5,
+        "training_data": summary,
+        "metrics": metrics,
+        "step": step,
+        "train": asdict(config),
+    }
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run training; returns {"best": path, "last": path, "metrics": best validation metrics, "split": path}."""
+    rank, world_size = distributed_context()
+    device = pick_device(config, rank)
+    seed_everything(config.seed)
+    out = Path(config.out)
+    records = read_records(config.data)
+    split = resolve_split(config, records)
+    split_path = out / "split.json"
+    if rank == 0:
+        save_split(split, split_path)
+
+    from lungnlb.networks import is_segmentation_model
+
+    segmentation = is_segmentation_model(config.model)
+    size = (config.input_size, config.input_size)
+    train_samples = load_slices(config.data, size, split["images"]["train"], records, progress=config.progress and rank == 0)
+    val_samples = load_slices(config.data, size, split["images"]["val"], records) if rank == 0 else []
+    if not segmentation:
+        train_samples = [s for s in train_samples if s.class_label is not None]
+    if not train_samples:
+        raise ValueError(f"no labelled training slices in {config.data} for split {split_path}")
+
+    model = build_network(config).to(device)
+    criterion = MultiTaskLoss(config.seg_weight if segmentation else 0.0, config.cls_weight)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps))
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    step, best_score, best_metrics = 0, float("-inf"), {}
+    state = load_training_state(out / "last") if config.resume else None
+    if state is not None:
+        model.load_state_dict(torch.load(out / "last.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, best_score = int(state["step"]), float(state["best_score"])
+        best_metrics = json.loads(state["best_metrics"])
+    network = model
+    if world_size > 1:
+        network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    transform = train_transforms(config.seed * 1000 + rank + step) if config.augment else None
+    sampler = WeightedShardSampler(sample_weights(train_samples, config.seg_fraction), config.seed, rank, world_size)
+    loader = DataLoader(SliceDataset(train_samples, transform), batch_size=config.batch_size, sampler=sampler,
+                        num_workers=config.num_workers, drop_last=False)
+    batches = _infinite_batches(loader, sampler, epoch=step // max(1, len(loader)))
+    summary = data_summary(config.data, train_samples, split)
+    writer = _writer(out, config) if rank == 0 else None
+    bar = _progress(config, rank, step)
+    running = None
+
+    def save(name: str, metrics: dict[str, Any]) -> None:
+        save_checkpoint(out / name, model, checkpoint_config(config, summary, metrics, step))
+
+    while step < config.steps:
+        network.train()
+        batch = {key: value.to(device) for key, value in next(batches).items()}
+        with torch.autocast(device_type=device.type, enabled=use_amp):
+            output = network(batch["image"])
+        loss, parts = criterion(output, batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        running = float(loss.detach()) if running is None else 0.95 * running + 0.05 * float(loss.detach())
+        if rank == 0:
+            writer and _log(writer, "train", {"loss": float(loss.detach()), **parts, "lr": scheduler.get_last_lr()[0]}, step)
+            bar and (bar.update(1), bar.set_postfix(loss=f"{running:.3f}", **_short(best_metrics)))
+            if step % config.val_every == 0 or step == config.steps:
+                metrics = validation_metrics(model, val_samples, device) if val_samples else {}
+                writer and _log(writer, "val", {k: v for k, v in metrics.items() if isinstance(v, float)}, step)
+                score = validation_score(metrics)
+                if score > best_score or not val_samples:
+                    best_score, best_metrics = score, metrics
+                    save("best", metrics)
+                save("last", metrics)
+                save_training_state(out / "last", {
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "step": step, "best_score": best_score,
+                    "best_metrics": json.dumps(best_metrics)})
+        if world_size > 1 and step % config.val_every == 0:
+            dist.barrier()
+    if bar:
+        bar.close()
+    if writer:
+        writer.close()
+    return {"best": out / "best.pt", "last": out / "last.pt", "metrics": best_metrics, "split": split_path,
+            "model": model}
+
+
+def _short(metrics: dict[str, Any]) -> dict[str, str]:
+    return {key: f"{metrics[key]:.3f}" for key in ("dice", "f1") if metrics.get(key) is not None}
+
+
+def _writer(out: Path, config: TrainConfig):
+    if not config.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _log(writer, prefix: str, values: dict[str, float], step: int) -> None:
+    for key, value in values.items():
+        if value is not None:
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+
+
+def _progress(config: TrainConfig, rank: int, step: int):
+    if not config.progress or rank != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=step, desc=f"train {config.model}", unit="step")

@@ -1,0 +1,139 @@
+"""Training: checkpoints, dataset from prepared folders, patient splits, loss masking, the loop, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lungnlb.checkpoint import default_checkpoint_path, load_model, read_config, save_checkpoint
+from lungnlb.inference import Predictor
+from lungnlb.networks import build_model
+from lungnlb.training import MultiTaskLoss, TrainConfig, load_slices, make_split, read_records, train
+from lungnlb.training.split import load_split
+from train_helpers import TINY_KWARGS, synthetic_studies
+
+
+def tiny_config(studies, out, **overrides) -> TrainConfig:
+    settings = dict(data=str(studies), out=str(out), model="unet_sl_nlb", model_kwargs=TINY_KWARGS, input_size=32,
+                    steps=3, batch_size=4, val_every=2, progress=False, tensorboard=False, val_fraction=0.2,
+                    test_fraction=0.2)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    model = build_model("unet_sl_nlb", **TINY_KWARGS)
+    config = {"model": {"name": "unet_sl_nlb", "kwargs": TINY_KWARGS}, "input_size": [32, 32]}
+    weights = save_checkpoint(tmp_path / "ckpt", model, config)
+    state = torch.load(weights, weights_only=True)
+    assert set(state) == set(model.state_dict())
+    loaded, loaded_config = load_model(weights)
+    assert loaded_config["model"]["name"] == "unet_sl_nlb" and "lungnlb_version" in loaded_config
+    x = torch.rand(1, 1, 32, 32)
+    model.eval()
+    assert torch.allclose(loaded(x)["seg"], model(x)["seg"])
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="model"):
+        save_checkpoint(tmp_path / "x", build_model("unet", features=[4, 4, 8, 8, 16, 4]), {"input_size": [32, 32]})
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_default_checkpoint_is_complete_when_present():
+    path = default_checkpoint_path()
+    if path is not None:
+        config = read_config(path)
+        assert config["model"]["name"] and config["training_data"]["sources"]
+
+
+def test_dataset_samples_follow_sidecars(tmp_path):
+    studies = synthetic_studies(tmp_path)
+    samples = load_slices(studies, (32, 32))
+    by_id = {}
+    for sample in samples:
+        by_id.setdefault(sample.image_id, []).append(sample)
+    assert all(s.image.shape == (32, 32) and 0 <= s.image.min() and s.image.max() <= 1 for s in samples)
+    assert [(s.z, s.mask is not None, s.class_label) for s in by_id["vol0"]] == [(1, True, 1), (2, False, 0)]
+    cls_only = by_id["c0_cls"][0]
+    assert cls_only.mask is None and cls_only.class_label == 0
+    assert by_id["c0_s0"][0].mask.any() and not by_id["c0_s1"][0].mask.any()
+
+
+def test_split_is_by_case_and_reusable(tmp_path):
+    studies = synthetic_studies(tmp_path, n_cases=10)
+    records = read_records(studies)
+    split = make_split(records, seed=1, val_fraction=0.2, test_fraction=0.2)
+    case_subset = {}
+    for subset, ids in split["images"].items():
+        for record in records:
+            if record["image_id"] in ids:
+                assert case_subset.setdefault(record["case"], subset) == subset
+    assert split["cases"]["test"] and split["cases"]["val"]
+    assert sorted(sum(split["images"].values(), [])) == sorted(r["image_id"] for r in records)
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    assert load_split(tmp_path / "split.json", records)["images"] == split["images"]
+
+
+def test_loss_ignores_missing_labels():
+    loss = MultiTaskLoss(seg_weight=1.0, cls_weight=1.0)
+    output = {"seg": torch.randn(2, 1, 8, 8, requires_grad=True), "cls": torch.randn(2, 1, requires_grad=True)}
+    batch = {"mask": torch.zeros(2, 1, 8, 8), "has_mask": torch.tensor([False, False]),
+             "label": torch.ones(2, 1), "has_label": torch.tensor([True, False])}
+    total, parts = loss(output, batch)
+    assert parts["seg"] == 0.0
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(output["cls"][:1], torch.ones(1, 1))
+    assert torch.isclose(total, expected)
+    total.backward()
+    assert output["cls"].grad[1].abs().sum() == 0 and output["seg"].grad.abs().sum() == 0
+
+
+def test_train_writes_checkpoints_split_and_resumes(tmp_path):
+    studies = synthetic_studies(tmp_path)
+    result = train(tiny_config(studies, tmp_path / "run", steps=2))
+    config = read_config(result["best"])
+    assert config["input_size"] == [32, 32] and config["step"] == 2
+    assert "synthetic" in config["training_data"]["sources"]
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert set(split["cases"]) == {"train", "val", "test"}
+    resumed = train(tiny_config(studies, tmp_path / "run", steps=4, resume=True))
+    assert read_config(resumed["last"])["step"] == 4
+    predictor = Predictor.from_checkpoint(resumed["last"])
+    result = predictor.predict(np.full((3, 40, 50), -700.0, np.float32), "hu")
+    assert result.probability.shape == (3, 40, 50) and result.slice_probability.shape == (3,)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, studies: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = train(tiny_config(studies, out, steps=3, device="cpu", val_every=10))
+    torch.save(result["model"].state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_end_with_identical_weights(tmp_path):
+    studies = synthetic_studies(tmp_path)
+    out = tmp_path / "ddp"
+    out.mkdir()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(studies), str(out)), nprocs=2, join=True)
+    first = torch.load(out / "rank0.pt", weights_only=True)
+    second = torch.load(out / "rank1.pt", weights_only=True)
+    torch.manual_seed(0)  # the trainer seeds with config.seed = 0 before building the model
+    initial = build_model("unet_sl_nlb", **TINY_KWARGS).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], initial[k]) for k in first if first[k].is_floating_point())
