@@ -12,6 +12,8 @@ import sys
 # sub-command name -> module that implements it
 COMMANDS = {
     "demo": "lungnlb.commands.demo",
+    "train": "lungnlb.commands.train",
+    "evaluate": "lungnlb.commands.evaluate",
 }
 
 
