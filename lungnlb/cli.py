@@ -12,6 +12,7 @@ import sys
 # sub-command name -> module that implements it
 COMMANDS = {
     "demo": "lungnlb.commands.demo",
+    "prepare": "lungnlb.commands.prepare",
     "train": "lungnlb.commands.train",
     "evaluate": "lungnlb.commands.evaluate",
 }

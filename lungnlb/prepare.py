@@ -1,0 +1,399 @@
+"""Turn a source folder (LIDC npz / LIDC DICOM+XML / Lung-PET-CT-Dx / IQ-OTH/NCCD / plain images)
+into a MONAI Label studies folder:
+
+    <out>/<image_id>.nii.gz                 image (slices stay 2D, volumes 3D, geometry kept)
+    <out>/labels/original/<image_id>.nii.gz uint8 0/1 mask: radiologist (LIDC) or watershed (boxes)
+    <out>/meta/<image_id>.json              sidecar: provenance and slice-level class labels
+
+Layouts are discovered per item anywhere below the source: ``*.npz`` with ``images``/``masks``
+arrays (lidc-npz); DICOM series folders, matched to LIDC reader XML by SeriesInstanceUID
+(lidc-dicom) or to PASCAL VOC files named by a slice's SOPInstanceUID (lung-pet-ct-dx); JPEG/PNG in
+``normal``/``benign``/``malignant`` folders (iq-othnccd); anything else readable (images).
+Reruns skip items whose sidecar records the same source fingerprint: same files, no duplicates.
+Nothing is ever written under the source folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from lungnlb.io import (
+    ImageData,
+    ImageReadError,
+    lidc_consensus,
+    read_dicom_series,
+    read_image,
+    read_npz_slices,
+    read_voc,
+    write_nifti,
+)
+from lungnlb.io.dicom import list_dicom_series
+from lungnlb.io.raster import RASTER_SUFFIXES
+
+LOGGER = logging.getLogger(__name__)
+FORMATS = ("auto", "lidc-npz", "lidc-dicom", "lung-pet-ct-dx", "iq-othnccd", "images")
+IQ_CLASSES = {"normal": 0, "benign": 1, "malignant": 1}
+IQ_CASE_BLOCK = 20
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
+ATTRIBUTION = {
+    "lidc-idri": "Armato SG III et al., Data From LIDC-IDRI, The Cancer Imaging Archive, 2015, "
+    "doi:10.7937/K9/TCIA.2015.LO9QL9SX. CC BY 3.0.",
+    "lung-pet-ct-dx": "Li P. et al., A Large-Scale CT and PET/CT Dataset for Lung Cancer Diagnosis (Lung-PET-CT-Dx), "
+    "The Cancer Imaging Archive, 2020, doi:10.7937/TCIA.2020.NNC20461. CC BY 4.0.",
+    "iq-othnccd": "Alyasriy H., Al-Huseiny M., The IQ-OTH/NCCD lung cancer dataset, Mendeley Data, 2021, "
+    "doi:10.17632/bhmdr45bh2. CC BY 4.0.",
+    "other": None,
+}
+
+
+@dataclass
+class Item:
+    """One unit of work: a source path of a detected format and what is needed to convert it."""
+
+    kind: str
+    path: Path
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """One output image: array + affine, optional mask, sidecar fields."""
+
+    image_id: str
+    image: ImageData
+    mask: np.ndarray | None
+    sidecar: dict
+
+
+@dataclass
+class PrepareSummary:
+    """What a run did."""
+
+    written: Counter = field(default_factory=Counter)  # per source
+    up_to_date: Counter = field(default_factory=Counter)
+    masks: Counter = field(default_factory=Counter)
+    skipped: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        sources = sorted(set(self.written) | set(self.up_to_date))
+        rows = [f"{s}: {self.written[s]} written, {self.up_to_date[s]} up to date, {self.masks[s]} masks" for s in sources]
+        total = sum(self.written.values()) + sum(self.up_to_date.values())
+        rows.append(f"images: {total}, masks: {sum(self.masks.values())}, skipped: {len(self.skipped)}")
+        rows += [f"  skipped {reason}" for reason in self.skipped]
+        return rows
+
+
+def safe_id(text: str) -> str:
+    """Filesystem-safe id: letters, digits, '-', '_' and '.' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "image"
+
+
+def _xml_index(src: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """All XML below ``src``: VOC files by SOP UID (file stem), LIDC reader files by SeriesInstanceUID."""
+    voc, lidc = {}, {}
+    for path in sorted(src.rglob("*.xml")):
+        try:
+            root = ET.parse(path).getroot()
+        except ET.ParseError:
+            continue
+        tag = root.tag.rsplit("}", 1)[-1]
+        if tag == "annotation":
+            voc[path.stem] = path
+        elif tag == "LidcReadMessage":
+            series = next((n.text.strip() for n in root.iter() if n.tag.endswith("SeriesInstanceUid") and n.text), None)
+            if series:
+                lidc[series] = path
+    return voc, lidc
+
+
+def _is_npz_slices(path: Path) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {"images", "masks"} <= set(data.files)
+    except Exception:
+        return False
+
+
+def discover(src: Path) -> tuple[list[Item], list[str]]:
+    """Items of every recognised layout below ``src`` (sorted, deterministic) and skip reasons."""
+    items, skipped = [], []
+    for path in sorted(src.rglob("*.npz")):
+        if _is_npz_slices(path):
+            items.append(Item("lidc-npz", path))
+        else:
+            skipped.append(f"{path}: npz without images/masks arrays")
+    voc, lidc = _xml_index(src)
+    for folder in list_dicom_series(src):
+        items.append(Item("dicom", folder, {"voc": voc, "lidc": lidc}))
+    for path in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES):
+        kind = "iq-othnccd" if path.parent.name.lower() in IQ_CLASSES else "images"
+        items.append(Item(kind, path))
+    for path in sorted(p for p in src.rglob("*") if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)):
+        items.append(Item("images", path))
+    return items, skipped
+
+
+def _sidecar(source: str, case: str, intensity: str, **fields) -> dict:
+    base = {
+        "source": source,
+        "case": case,
+        "intensity": intensity,
+        "class_label": None,
+        "label_method": None,
+        "labelled_slices": [],
+        "slice_class_labels": {},
+        "params": None,
+        "readers": None,
+        "malignancy": None,
+        "attribution": ATTRIBUTION.get(source),
+    }
+    return base | fields
+
+
+def _from_npz(item: Item) -> Iterator[Prepared]:
+    for s in read_npz_slices(item.path):
+        has_mask = bool(s.mask.any())
+        yield Prepared(
+            safe_id(f"{s.patient}_npz_{s.name}"),
+            s.image,
+            s.mask,
+            _sidecar(
+                "lidc-idri",
+                s.patient,
+                "normalized",
+                class_label=1 if has_mask else None,
+                label_method="radiologist",
+                labelled_slices=[0],
+                malignancy=s.malignancy,
+                is_cancer=s.is_cancer,
+                source_files=[str(item.path)],
+                npz_index=s.image.meta["npz_index"],
+            ),
+        )
+
+
+def _series_id(image: ImageData, folder: Path) -> str:
+    patient = image.meta.get("patient_id") or folder.parent.name
+    short = folder.name if len(folder.name) <= 24 else hashlib.sha1(image.meta["series_instance_uid"].encode()).hexdigest()[:10]
+    return safe_id(f"{patient}_{short}")
+
+
+def _z_of_slices(image: ImageData) -> list[float]:
+    """ImagePositionPatient z of each slice (the LIDC XML fallback key), from the affine."""
+    n = image.array.shape[0]
+    origin_ras, step_ras = image.affine[:3, 3], image.affine[:3, 2]
+    return [float(origin_ras[2] + k * step_ras[2]) for k in range(n)]
+
+
+def _from_lidc_dicom(item: Item, image: ImageData, xml_path: Path, consensus: float) -> Prepared:
+    result = lidc_consensus(xml_path, image.meta["sop_instance_uids"], _z_of_slices(image), image.array.shape[1:], consensus)
+    contoured = result.labelled_slices
+    malignancy = sorted({m for n in result.nodules for m in n.malignancy})
+    return Prepared(
+        _series_id(image, item.path),
+        image,
+        result.mask,
+        _sidecar(
+            "lidc-idri",
+            image.meta.get("patient_id") or item.path.parent.parent.name,
+            "hu",
+            class_label=1 if contoured else 0,
+            label_method="radiologist",
+            labelled_slices=contoured,
+            slice_class_labels={str(z): 1 for z in contoured},
+            params={"consensus": consensus, "rule": "voxel in >= consensus * readers who marked the nodule"},
+            readers=result.readers,
+            malignancy=malignancy or None,
+            nodules=[vars(n) for n in result.nodules],
+            series_instance_uid=image.meta["series_instance_uid"],
+            sop_instance_uids=image.meta["sop_instance_uids"],
+            source_files=[str(xml_path), str(item.path)],
+        ),
+    )
+
+
+def _from_voc(item: Item, image: ImageData, boxes: dict[int, Path], box_to_mask: Callable, params: object) -> Prepared:
+    mask = np.zeros(image.array.shape, dtype=bool)
+    box_record: dict[str, list] = {}
+    for z, voc_path in sorted(boxes.items()):
+        annotation = read_voc(voc_path)
+        for obj in annotation.objects:
+            x0, y0, x1, y1 = obj.box
+            rows, cols = image.array.shape[1:]
+            if x1 >= cols or y1 >= rows or x0 < 0 or y0 < 0:
+                raise ImageReadError(voc_path, f"box {obj.box} outside the {cols}x{rows} slice")
+            mask[z] |= box_to_mask(image.array[z], obj.box, params)
+            box_record.setdefault(str(z), []).append({"label": obj.label, "box": list(obj.box)})
+    labelled = sorted(boxes)
+    return Prepared(
+        _series_id(image, item.path),
+        image,
+        mask,
+        _sidecar(
+            "lung-pet-ct-dx",
+            image.meta.get("patient_id") or item.path.parent.parent.name,
+            "hu",
+            class_label=1,
+            label_method="watershed",
+            labelled_slices=labelled,
+            slice_class_labels={str(z): 1 for z in labelled},
+            params=params.as_dict() if hasattr(params, "as_dict") else None,
+            boxes=box_record,
+            series_instance_uid=image.meta["series_instance_uid"],
+            sop_instance_uids=image.meta["sop_instance_uids"],
+            source_files=[str(item.path)] + [str(boxes[z]) for z in labelled],
+        ),
+    )
+
+
+def _from_dicom(item: Item, fmt: str, consensus: float) -> Iterator[Prepared]:
+    image = read_dicom_series(item.path)
+    uids = image.meta["sop_instance_uids"]
+    lidc_xml = item.extra["lidc"].get(image.meta["series_instance_uid"])
+    boxes = {z: item.extra["voc"][uid] for z, uid in enumerate(uids) if uid in item.extra["voc"]}
+    if lidc_xml is not None and fmt in ("auto", "lidc-dicom"):
+        yield _from_lidc_dicom(item, image, lidc_xml, consensus)
+    elif boxes and fmt in ("auto", "lung-pet-ct-dx"):
+        from lungnlb.labels import WatershedParams, box_to_mask
+
+        yield _from_voc(item, image, boxes, box_to_mask, WatershedParams())
+    elif fmt in ("auto", "images"):
+        yield _plain(item, image)
+
+
+def _plain(item: Item, image: ImageData) -> Prepared:
+    name = image.meta.get("patient_id") and _series_id(image, item.path) or safe_id(item.path.name.split(".")[0])
+    return Prepared(name, image, None, _sidecar("other", name, image.intensity, source_files=[str(item.path)]))
+
+
+def iq_case(class_name: str, stem: str) -> str:
+    """IQ-OTH/NCCD case id: the block of IQ_CASE_BLOCK consecutive file numbers within the class."""
+    number = re.search(r"(\d+)$", stem)
+    if number is None:
+        return f"iq-othnccd/{class_name}/{stem}"
+    start = int(number.group(1)) // IQ_CASE_BLOCK * IQ_CASE_BLOCK
+    return f"iq-othnccd/{class_name}/{start:04d}-{start + IQ_CASE_BLOCK - 1:04d}"
+
+
+def _from_iq(item: Item) -> Iterator[Prepared]:
+    class_name = item.path.parent.name.lower()
+    stem = item.path.stem
+    image_id = safe_id(f"iq-othnccd_{stem}" if stem.lower().startswith(class_name) else f"iq-othnccd_{class_name}_{stem}")
+    yield Prepared(
+        image_id,
+        read_image(item.path),
+        None,
+        _sidecar("iq-othnccd", iq_case(class_name, stem), "windowed8bit", class_label=IQ_CLASSES[class_name],
+                 class_name=class_name, source_files=[str(item.path)]),
+    )
+
+
+def convert(item: Item, fmt: str, consensus: float = 0.5) -> Iterator[Prepared]:
+    """The prepared images of one item, if its kind fits the requested format."""
+    if item.kind == "dicom":
+        yield from _from_dicom(item, fmt, consensus)
+    elif item.kind == "lidc-npz" and fmt in ("auto", "lidc-npz"):
+        yield from _from_npz(item)
+    elif item.kind == "iq-othnccd" and fmt in ("auto", "iq-othnccd"):
+        yield from _from_iq(item)
+    elif fmt == "images" or (item.kind == "images" and fmt == "auto"):
+        if item.kind != "lidc-npz":
+            yield _plain(item, read_image(item.path))
+
+
+def fingerprint(item: Item, fmt: str, consensus: float) -> str:
+    """Hash of the item's source files (path, size, mtime) and the options that shape its output."""
+    paths = sorted(item.path.iterdir()) if item.path.is_dir() else [item.path]
+    if item.kind == "dicom":
+        paths += sorted(item.extra["voc"].values()) + sorted(item.extra["lidc"].values())
+    digest = hashlib.sha1(f"{fmt}|{consensus}|{item.kind}".encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        json.dump(data, stream, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _existing(out: Path) -> dict[str, list[dict]]:
+    """Sidecars already in ``out`` whose image (and mask, if any) exist, grouped by source fingerprint."""
+    found: dict[str, list[dict]] = {}
+    for sidecar in sorted((out / "meta").glob("*.json")):
+        data = json.loads(sidecar.read_text())
+        image_ok = (out / f"{sidecar.stem}.nii.gz").is_file()
+        label_ok = data.get("label_method") is None or (out / "labels" / "original" / f"{sidecar.stem}.nii.gz").is_file()
+        if image_ok and label_ok and "fingerprint" in data:
+            found.setdefault(data["fingerprint"], []).append(data)
+    return found
+
+
+def write_prepared(prepared: Prepared, out: Path) -> None:
+    """Write one image, its mask and its sidecar (each atomically)."""
+    write_nifti(prepared.image.array, prepared.image.affine, out / f"{prepared.image_id}.nii.gz")
+    if prepared.mask is not None:
+        write_nifti(prepared.mask.astype(np.uint8), prepared.image.affine, out / "labels" / "original" / f"{prepared.image_id}.nii.gz", np.uint8)
+    _write_json(prepared.sidecar, out / "meta" / f"{prepared.image_id}.json")
+
+
+def check_paths(src: Path, out: Path) -> None:
+    """Refuse a missing source or an output inside the source (never write into the source)."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: source folder does not exist")
+    src_r, out_r = src.resolve(), out.resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise ValueError(f"{out}: the output folder must not be inside the source folder {src}")
+
+
+def prepare(src: str | Path, out: str | Path, fmt: str = "auto", consensus: float = 0.5, progress: bool = True) -> PrepareSummary:
+    """Build the studies folder ``out`` from ``src``; returns what was written, kept and skipped."""
+    src, out = Path(src), Path(out)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: expected one of {FORMATS}")
+    check_paths(src, out)
+    items, skipped = discover(src)
+    summary = PrepareSummary(skipped=skipped)
+    seen: dict[str, Path] = {}
+    existing = _existing(out)
+    for item in tqdm(items, desc="prepare", unit="item", disable=not progress):
+        item_fingerprint = fingerprint(item, fmt, consensus)
+        kept = existing.get(item_fingerprint, [])
+        if kept:
+            for data in kept:
+                summary.up_to_date[data["source"]] += 1
+                summary.masks[data["source"]] += data.get("label_method") is not None
+            continue
+        try:
+            for prepared in convert(item, fmt, consensus):
+                if prepared.image_id in seen:
+                    raise ValueError(f"image id {prepared.image_id} already produced from {seen[prepared.image_id]}")
+                seen[prepared.image_id] = item.path
+                prepared.sidecar["fingerprint"] = item_fingerprint
+                write_prepared(prepared, out)
+                source = prepared.sidecar["source"]
+                summary.written[source] += 1
+                summary.masks[source] += prepared.mask is not None
+        except (ImageReadError, ValueError, OSError) as error:
+            LOGGER.warning("skipping %s: %s", item.path, error)
+            summary.skipped.append(f"{item.path}: {error}")
+    if not summary.written and not summary.up_to_date:
+        raise ValueError(f"{src}: no {'' if fmt == 'auto' else fmt + ' '}data found to prepare ({len(summary.skipped)} skipped)")
+    return summary
