@@ -1,0 +1,1 @@
+"""Building blocks of the LungNLB MONAI Label app: config, model store, datastore, tasks."""

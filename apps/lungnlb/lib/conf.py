@@ -1,0 +1,112 @@
+"""The app's `--conf key value` settings, parsed and checked once at start-up.
+
+    monailabel start_server --app apps/lungnlb --studies <folder> --conf models all --conf device cpu
+
+Keys (all optional):
+
+    models           "all" or a comma list of lung_nlb_seg, lung_nlb_cls, lung_watershed   [all]
+    checkpoint       weights to start from when nothing was published yet, or "none" to start
+                     untrained even if lungnlb ships default weights       [lungnlb's shipped default]
+    model_dir        where training publishes weights and train stats      [<app>/model]
+    device           "auto", "cpu", "cuda" or "cuda:N"                       [auto: cuda if present]
+    batch_size       slices per forward pass at inference                    [16]
+    original_weight  training weight of `original` (watershed) labels; `final` labels weigh 1   [0.3]
+    tracking         "mlflow" (SQLite store) or "none"                        [mlflow]
+    tracking_uri     MLflow tracking URI                                      [sqlite:///<model_dir>/mlflow.db]
+    allowed_paths    os.pathsep-separated folders whose files may be named as `image` by absolute
+                     path (e.g. a DICOM series folder on the server); the studies folder and
+                     uploads are always allowed                               [none]
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEG_MODEL = "lung_nlb_seg"
+CLS_MODEL = "lung_nlb_cls"
+WATERSHED_MODEL = "lung_watershed"
+ALL_MODELS = (SEG_MODEL, CLS_MODEL, WATERSHED_MODEL)
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Checked values of the `--conf` keys (see the module docstring)."""
+
+    app_dir: Path
+    studies: Path
+    models: tuple[str, ...] = ALL_MODELS
+    checkpoint: Path | None = None
+    use_default_weights: bool = True
+    model_dir: Path = Path("model")
+    device: str = "auto"
+    batch_size: int = 16
+    original_weight: float = 0.3
+    tracking: str = "mlflow"
+    tracking_uri: str = ""
+    allowed_paths: tuple[Path, ...] = field(default_factory=tuple)
+
+    @property
+    def published_checkpoint(self) -> Path:
+        """Where training publishes the segmentation model (`.pt` + `.json` beside it)."""
+        return self.model_dir / f"{SEG_MODEL}.pt"
+
+    @property
+    def train_stats_path(self) -> Path:
+        return self.model_dir / f"{SEG_MODEL}_train_stats.json"
+
+    @property
+    def state_dir(self) -> Path:
+        """App state inside the studies folder: label versions, proposals, score caches."""
+        return self.studies / ".lungnlb"
+
+
+def _models(value: str) -> tuple[str, ...]:
+    if value.strip().lower() == "all":
+        return ALL_MODELS
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in ALL_MODELS]
+    if unknown or not names:
+        raise ValueError(f"--conf models: unknown model(s) {unknown or value!r}; choose 'all' or from {ALL_MODELS}")
+    return names
+
+
+def _positive(key: str, value: str, kind: type) -> int | float:
+    try:
+        number = kind(value)
+    except ValueError as error:
+        raise ValueError(f"--conf {key}: {value!r} is not a {kind.__name__}") from error
+    if number <= 0:
+        raise ValueError(f"--conf {key}: must be > 0, got {value!r}")
+    return number
+
+
+def parse_conf(app_dir: str | os.PathLike, studies: str | os.PathLike, conf: dict[str, str]) -> AppConfig:
+    """Build an `AppConfig` from MONAI Label's conf dict; a bad value raises ValueError naming the key."""
+    app_dir = Path(app_dir).resolve()
+    model_dir = Path(conf.get("model_dir", app_dir / "model")).resolve()
+    checkpoint = conf.get("checkpoint")
+    if checkpoint and checkpoint != "none" and not Path(checkpoint).is_file():
+        raise ValueError(f"--conf checkpoint: {checkpoint} is not a file")
+    tracking = conf.get("tracking", "mlflow").lower()
+    if tracking not in ("mlflow", "none"):
+        raise ValueError(f"--conf tracking: choose 'mlflow' or 'none', got {tracking!r}")
+    original_weight = float(conf.get("original_weight", 0.3))
+    if not 0.0 <= original_weight <= 1.0:
+        raise ValueError(f"--conf original_weight: must lie in [0, 1], got {original_weight}")
+    allowed = conf.get("allowed_paths", "")
+    return AppConfig(
+        app_dir=app_dir,
+        studies=Path(studies).resolve(),
+        models=_models(conf.get("models", "all")),
+        checkpoint=Path(checkpoint).resolve() if checkpoint and checkpoint != "none" else None,
+        use_default_weights=checkpoint != "none",
+        model_dir=model_dir,
+        device=conf.get("device", "auto"),
+        batch_size=int(_positive("batch_size", conf.get("batch_size", "16"), int)),
+        original_weight=original_weight,
+        tracking=tracking,
+        tracking_uri=conf.get("tracking_uri", f"sqlite:///{model_dir / 'mlflow.db'}"),
+        allowed_paths=tuple(Path(p).resolve() for p in allowed.split(os.pathsep) if p),
+    )

@@ -1,0 +1,1 @@
+"""Infer tasks: NLB U-Net segmentation, slice classification, interactive watershed."""

@@ -1,0 +1,204 @@
+"""A `LocalDatastore` that keeps label provenance and never loses an `original` label.
+
+Rules:
+
+* `original` labels (watershed / radiologist, written by `lungnlb prepare`) are never overwritten:
+  a save with tag `original` for an image that has one is refused (409), and model output is never
+  saved into the datastore by infer (it is kept as the image's latest *proposal* instead).
+* Every `final` submission is kept as a version under `<studies>/.lungnlb/labels/<id>/`:
+  `final_v<N>.nii.gz` and a record in `history.json` — who, when, which model (and model version)
+  proposed the mask, and the Dice between that proposal and the submitted label (how much the
+  annotator had to correct) and between the `original` label and the submission.
+  The latest record is also the label's info (`GET /datastore/label/info?label=<id>&tag=final`).
+* Uploads are checked before anything is written (see `lib.images`); files and the datastore JSON
+  are written atomically (temporary file in the same folder, then `os.replace`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+from lib.conf import AppConfig
+from lib.errors import bad_request, conflict, not_found
+from lib.images import check_image_id, dice, load_image, load_mask, study_intensity, write_image, write_mask
+
+ORIGINAL = DefaultLabelTag.ORIGINAL.value
+FINAL = DefaultLabelTag.FINAL.value
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def atomic_copy(source: Path, destination: Path) -> None:
+    """Copy `source` to `destination` so a reader sees the old file or the whole new one."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
+    os.close(handle)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text to `path` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _suffix(filename: str) -> str:
+    return next((s for s in NIFTI_SUFFIXES if filename.endswith(s)), "".join(Path(filename).suffixes))
+
+
+class ProvenanceDatastore(LocalDatastore):
+    """LocalDatastore with checked uploads, protected `original` labels and versioned `final` labels."""
+
+    def __init__(self, config: AppConfig, **kwargs: Any):
+        self.config = config
+        super().__init__(str(config.studies), **kwargs)
+
+    # ---- provenance files -------------------------------------------------------------------
+    def _label_dir(self, image_id: str) -> Path:
+        return self.config.state_dir / "labels" / image_id
+
+    def history(self, image_id: str) -> list[dict[str, Any]]:
+        """All `final` submissions for an image, oldest first."""
+        path = self._label_dir(image_id) / "history.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+    def record_proposal(self, image_id: str, mask_file: Path, model: str, model_version: str | None) -> None:
+        """Remember the latest model proposal for an image (the mask infer returned)."""
+        directory = self._label_dir(image_id)
+        atomic_copy(mask_file, directory / "proposal.nii.gz")
+        record = {"model": model, "model_version": model_version, "ts": time.time()}
+        atomic_write_text(directory / "proposal.json", json.dumps(record))
+
+    def _proposal(self, image_id: str) -> tuple[dict[str, Any] | None, Path | None]:
+        directory = self._label_dir(image_id)
+        meta = directory / "proposal.json"
+        if not meta.is_file():
+            return None, None
+        return json.loads(meta.read_text(encoding="utf-8")), directory / "proposal.nii.gz"
+
+    # ---- overrides --------------------------------------------------------------------------
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        """Check the upload (readable 2D/3D CT image), store it as NIfTI under a safe, new id."""
+        source = Path(image_filename)
+        image_id = check_image_id(image_id or Path(image_filename).name.removesuffix(_suffix(image_filename)))
+        if image_id in self.list_images():
+            raise conflict(f"image id {image_id!r} already exists; remove it first or choose another id")
+        image = load_image(source, (image_info or {}).get("intensity"))
+        sidecar = {"intensity": image.intensity, "source": (image_info or {}).get("source", "upload")}
+        with tempfile.TemporaryDirectory() as tmp:
+            stored = source if _suffix(source.name) in NIFTI_SUFFIXES else write_image(Path(tmp) / "image.nii.gz", image)
+            atomic_write_text(self.config.studies / "meta" / f"{image_id}.json", json.dumps(sidecar, indent=2))
+            return super().add_image(image_id, str(stored), image_info)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """Check and save a label; `original` is write-once, `final` is versioned with provenance."""
+        check_image_id(image_id)
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            raise not_found(f"image id {image_id!r} is not in the datastore")
+        if not label_tag or "/" in label_tag or ".." in label_tag:
+            raise bad_request(f"label tag {label_tag!r} is not valid")
+        if label_tag == ORIGINAL and obj.labels.get(ORIGINAL):
+            raise conflict(f"image {image_id!r} already has an original label; original labels are never overwritten")
+        image = load_image(Path(self.get_image_uri(image_id)), study_intensity(self.config, image_id))
+        mask = load_mask(Path(label_filename), image)
+        with tempfile.TemporaryDirectory() as tmp:
+            label_file = write_mask(Path(tmp) / f"{image_id}.nii.gz", mask, image)
+            info = dict(label_info or {})
+            if label_tag == FINAL:
+                info["provenance"] = self._version_final(image_id, label_file, mask, image, info)
+            return self._store_label(obj, image_id, label_file, label_tag, info)
+
+    def _version_final(self, image_id: str, label_file: Path, mask, image, info: dict[str, Any]) -> dict[str, Any]:
+        """Keep this submission as the next version and return its provenance record."""
+        directory = self._label_dir(image_id)
+        history = self.history(image_id)
+        version = len(history) + 1
+        proposal, proposal_file = self._proposal(image_id)
+        record: dict[str, Any] = {
+            "version": version,
+            "user": info.get("user") or info.get("client_id") or "anonymous",
+            "ts": time.time(),
+            "proposed_by": info.get("model") or (proposal or {}).get("model"),
+            "proposal_model_version": (proposal or {}).get("model_version"),
+            "dice_proposal_vs_final": None,
+            "dice_original_vs_final": None,
+            "file": f"final_v{version}.nii.gz",
+        }
+        if proposal_file is not None and proposal_file.is_file():
+            record["dice_proposal_vs_final"] = dice(load_mask(proposal_file, image), mask)
+        original_uri = self.get_label_uri(image_id, ORIGINAL)
+        if original_uri:
+            record["dice_original_vs_final"] = dice(load_mask(Path(original_uri), image), mask)
+        atomic_copy(label_file, directory / record["file"])
+        atomic_write_text(directory / "history.json", json.dumps([*history, record], indent=2))
+        return {**record, "versions": version}
+
+    def _store_label(self, obj: ImageLabelModel, image_id: str, label_file: Path, tag: str, info: dict) -> str:
+        """LocalDatastore.save_label, but the label file and the datastore JSON are replaced atomically."""
+        label_dir = Path(self._datastore.label_path(tag))
+        name = self._filename(image_id, ".nii.gz")
+        with FileLock(self._lock_file):
+            stale = obj.labels.get(tag)
+            atomic_copy(label_file, label_dir / name)
+            if stale is not None and stale.ext != ".nii.gz":
+                (label_dir / self._filename(image_id, stale.ext)).unlink(missing_ok=True)
+            info.update({"ts": int(time.time()), "name": name})
+            obj.labels[tag] = DataModel(info=info, ext=".nii.gz")
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+
+        def write() -> None:
+            self._ignore_event_config = True
+            atomic_write_text(Path(self._datastore_config_path), text)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        """Removing an `original` label is refused like overwriting it."""
+        if label_tag == ORIGINAL:
+            raise conflict("original labels are never removed or overwritten")
+        super().remove_label(label_id, label_tag)
+
+    def provenance_summary(self) -> dict[str, Any]:
+        """Counts and mean correction effort over the latest `final` submission of every image."""
+        records = [
+            obj.labels[FINAL].info.get("provenance")
+            for obj in self._datastore.objects.values()
+            if obj.labels.get(FINAL) and obj.labels[FINAL].info.get("provenance")
+        ]
+        dices = [r["dice_proposal_vs_final"] for r in records if r.get("dice_proposal_vs_final") is not None]
+        return {
+            "final_labels_with_provenance": len(records),
+            "submissions": sum(r.get("versions", 1) for r in records),
+            "mean_dice_proposal_vs_final": sum(dices) / len(dices) if dices else None,
+        }

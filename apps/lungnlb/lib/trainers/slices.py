@@ -1,0 +1,69 @@
+"""Training slices from the datastore: `final` labels (weight 1) and `original` labels (lower weight).
+
+For every image, the `final` label wins over the `original` one. The slices used are those the
+study sidecar lists as `labelled_slices` plus every slice where the label has foreground (a 2D
+image is its one slice). Each slice is mapped with `to_model_input` and resized to the model's
+input size; its class target (neoplasm on this slice) is whether its mask is non-empty.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lib.images import load_image, load_mask, study_intensity
+from lib.conf import AppConfig
+from lungnlb.inference import resize_batch
+from lungnlb.io.intensity import to_model_input
+
+
+@dataclass
+class TrainSlice:
+    """One slice: image (H, W) float32 in [0, 1], mask (H, W) float32 0/1, loss weight, source tag."""
+
+    image_id: str
+    z: int
+    image: np.ndarray
+    mask: np.ndarray
+    weight: float
+    tag: str
+
+
+def labelled_slices(config: AppConfig, image_id: str, mask: np.ndarray) -> list[int]:
+    volume = mask if mask.ndim == 3 else mask[None]
+    listed: set[int] = set()
+    sidecar = config.studies / "meta" / f"{image_id}.json"
+    if sidecar.is_file():
+        listed = {int(z) for z in json.loads(sidecar.read_text(encoding="utf-8")).get("labelled_slices", [])}
+    with_foreground = {int(z) for z in np.flatnonzero(volume.reshape(volume.shape[0], -1).any(axis=1))}
+    return sorted(z for z in listed | with_foreground if 0 <= z < volume.shape[0])
+
+
+def _resized(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32))[None, None]
+    return resize_batch(tensor, size)[0, 0].numpy()
+
+
+def datastore_slices(
+    datastore, config: AppConfig, input_size: tuple[int, int], window, original_weight: float
+) -> list[TrainSlice]:
+    """All training slices of the datastore (see the module docstring)."""
+    slices: list[TrainSlice] = []
+    for image_id in datastore.list_images():
+        tags = datastore.get_labels_by_image_id(image_id)
+        tag = "final" if "final" in tags else "original" if "original" in tags and original_weight > 0 else None
+        if tag is None:
+            continue
+        image = load_image(Path(datastore.get_image_uri(image_id)), study_intensity(config, image_id))
+        mask = load_mask(Path(datastore.get_label_uri(image_id, tag)), image)
+        volume = to_model_input(image.array, image.intensity, window=window)
+        volume, mask = (volume, mask) if volume.ndim == 3 else (volume[None], mask[None])
+        weight = 1.0 if tag == "final" else original_weight
+        for z in labelled_slices(config, image_id, mask):
+            resized_mask = (_resized(mask[z].astype(np.float32), input_size) > 0.5).astype(np.float32)
+            slices.append(TrainSlice(image_id, z, _resized(volume[z], input_size), resized_mask, weight, tag))
+    return slices

@@ -1,0 +1,142 @@
+"""LungNLB MONAI Label app: NLB U-Net segmentation / classification, watershed, active learning.
+
+    monailabel start_server --app apps/lungnlb --studies sample_data/studies --conf models all
+
+Wiring only; the parts live in `lib/` (see docs/app.md):
+
+    lib/conf.py                  --conf keys
+    lib/model_store.py           current weights, their version, the loaded model
+    lib/provenance.py            datastore: checked uploads, write-once original, versioned final labels
+    lib/images.py                request image resolution and checks (4xx with a message)
+    lib/infers/                  lung_nlb_seg, lung_nlb_cls, lung_watershed
+    lib/trainers/                lung_nlb_seg training
+    lib/activelearning/          scores cached per model version; disagreement / uncertainty strategies
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.random import Random
+
+from lib.activelearning.scores import SCORING_NAME, ModelScoring, ScoreCache
+from lib.activelearning.strategies import ScoreRankStrategy
+from lib.conf import CLS_MODEL, SEG_MODEL, WATERSHED_MODEL, parse_conf
+from lib.errors import not_found
+from lib.images import resolve_image
+from lib.infers.classification import NLBClassificationInfer
+from lib.infers.segmentation import NLBSegmentationInfer
+from lib.infers.watershed import WatershedInfer
+from lib.model_store import ModelStore
+from lib.provenance import ProvenanceDatastore
+from lib.trainers.segmentation import NLBSegmentationTrain
+
+logger = logging.getLogger(__name__)
+
+PROPOSING_MODELS = (SEG_MODEL, WATERSHED_MODEL)
+
+
+class LungNLBApp(MONAILabelApp):
+    """MONAI Label app of the LungNLB project (subclasses MONAILabelApp directly, as discovery requires)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        self.app_config = parse_conf(app_dir, studies, conf or {})
+        self.store = ModelStore(self.app_config)
+        self.score_cache = ScoreCache(self.app_config, self.store)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="LungNLB",
+            description="Lung tumour segmentation and classification on CT with specialised non-local blocks",
+            version="0.1.0",
+            labels={"tumour": 1},
+        )
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return ProvenanceDatastore(
+            self.app_config,
+            extensions=("*.nii.gz", "*.nii"),
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        tasks = {
+            SEG_MODEL: lambda: NLBSegmentationInfer(self.app_config, self.store),
+            CLS_MODEL: lambda: NLBClassificationInfer(self.app_config, self.store),
+            WATERSHED_MODEL: lambda: WatershedInfer(self.app_config),
+        }
+        return {name: tasks[name]() for name in self.app_config.models}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return {SEG_MODEL: NLBSegmentationTrain(self.app_config, self.store)} if SEG_MODEL in self.app_config.models else {}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {
+            "disagreement": ScoreRankStrategy(
+                "disagreement", "Images whose original (watershed) label the model disagrees with most", self.score_cache
+            ),
+            "uncertainty": ScoreRankStrategy(
+                "uncertainty", "Images with the highest predictive entropy inside the lungs", self.score_cache
+            ),
+            "random": Random(),
+        }
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        return {SCORING_NAME: ModelScoring(self.score_cache)}
+
+    def info(self) -> dict[str, Any]:
+        meta = super().info()
+        weights = self.store.status()
+        meta["lungnlb"] = {"weights": weights, "conf": {k: str(v) for k, v in vars(self.app_config).items()}}
+        if isinstance(self._datastore, ProvenanceDatastore):
+            meta["lungnlb"]["provenance"] = self._datastore.provenance_summary()
+        if not weights["trained"]:
+            meta["warnings"] = [weights["message"]]
+        return meta
+
+    def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
+        """Check the model and the image, run the task, keep segmentation output as a proposal.
+
+        Model output is never saved as a datastore label (an `original` label must stay as it
+        was); the mask returned for a datastore image is remembered as its latest proposal, for
+        the Dice between proposal and the `final` label submitted later.
+        """
+        model = request.get("model")
+        task = self._infers.get(model)
+        if task is None:
+            raise not_found(f"no model {model!r}; available: {sorted(self._infers)}")
+        datastore = datastore or self.datastore()
+        image_id, path = resolve_image(request.get("image"), datastore, self.app_config)
+        full = {**copy.deepcopy(task.config()), **copy.deepcopy(request), "image": str(path), "image_id": image_id}
+        result_file, result_json = task(full)
+        if image_id and result_file and model in PROPOSING_MODELS and isinstance(datastore, ProvenanceDatastore):
+            version = result_json.get("model_version")
+            datastore.record_proposal(image_id, Path(result_file), model, version)
+        return {"label": result_file, "tag": "proposal", "file": result_file, "params": result_json}
+
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise not_found(f"no active-learning strategy {strategy!r}; available: {sorted(self._strategies)}")
+        return super().next_sample(request)
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        port = settings.MONAI_LABEL_SERVER_PORT
+        logger.info(f"LungNLB app ready: in 3D Slicer's MONAI Label module use server http://127.0.0.1:{port}/")
+        if self.store.checkpoint_path() is None:
+            logger.warning(self.store.status()["message"])
