@@ -278,3 +278,30 @@ def test_library_is_python39_syntax_and_imports_only_stdlib_and_numpy():
             annotation = getattr(node, "annotation", None) or getattr(node, "returns", None)
             if annotation is not None:
                 assert not any(isinstance(n, ast.BinOp) for n in ast.walk(annotation)), f"{path.name}: X | Y annotation"
+
+
+# -- the Slicer module's files agree with each other (Slicer itself is not available here) ----------------
+
+
+def test_module_file_is_python39_and_uses_only_widgets_the_ui_file_defines():
+    import re
+    import xml.etree.ElementTree as ElementTree
+
+    source = (MODULE_DIR / "LungNLB.py").read_text(encoding="utf-8")
+    ast.parse(source, feature_version=(3, 9))
+    ui = ElementTree.parse(MODULE_DIR / "Resources" / "UI" / "LungNLB.ui")
+    defined = {element.get("name") for element in ui.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used and used <= defined, f"widgets missing from LungNLB.ui: {sorted(used - defined)}"
+
+
+def test_cmake_lists_every_library_file_and_resource():
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    for path in sorted((MODULE_DIR / "LungNLBLib").glob("*.py")):
+        assert f"${{MODULE_NAME}}Lib/{path.name}" in cmake, f"{path.name} is not installed by CMakeLists.txt"
+    for resource in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
+        assert resource in cmake
+        assert (MODULE_DIR / resource.replace("${MODULE_NAME}", "LungNLB")).is_file()
+    assert "slicerMacroBuildScriptedModule" in cmake
+    top = (MODULE_DIR.parent / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "add_subdirectory(LungNLB)" in top and "find_package(Slicer REQUIRED)" in top
