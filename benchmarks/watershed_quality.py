@@ -149,7 +149,7 @@ def worst_cases_png(path: Path, cases: list[Case], rows: list[dict], count: int 
 
     by_name = {c.name: c for c in cases}
     padded = sorted((r for r in rows if r["boxes"] == "padded"), key=lambda r: r["watershed"]["dice"])[:count]
-    fig, axes = plt.subplots(2, (count + 1) // 2, figsize=(3 * ((count + 1) // 2), 6.4))
+    fig, axes = plt.subplots(2, (count + 1) // 2, figsize=(3 * ((count + 1) // 2), 7.2))
     for ax, row in zip(axes.flat, padded):
         case = by_name[row["case"]]
         x_min, y_min, x_max, y_max = row["box"]
@@ -179,6 +179,7 @@ def _atomic_save(path: Path, write) -> None:
     os.close(handle)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,14 +3,17 @@
 Steps (all on a crop around the box, so the cost does not grow with the slice size):
 
 1. normalise the crop robustly: ``u = clip((I - p_lo) / (p_hi - p_lo), 0, 1)`` with percentiles of the
-   crop, so HU, 8-bit windowed and pre-normalised slices look alike;
-2. smooth ``u`` with a Gaussian (``sigma`` px) and build the elevation image
-   ``E = |grad(G_sigma * u)| / max|grad| + contrast_weight * |G_sigma * u - c|`` where ``c`` is the
-   intensity of the foreground marker: boundaries are ridges of E, and pixels unlike the nodule are high;
-3. markers: a core ellipse around the box centre (foreground) and everything outside the box
-   (background), see :mod:`lungnlb.labels.markers`;
-4. :func:`skimage.segmentation.watershed` floods E from the markers;
-5. keep the foreground component that holds the centre, fill its holes, clip to the box.
+   crop, so HU, 8-bit windowed and pre-normalised slices give the same result;
+2. smooth: ``s = G_sigma * u``;
+3. markers (see :mod:`lungnlb.labels.markers`): a core ellipse around the box centre is foreground,
+   every pixel outside the box is background, and so is every pixel inside the box darker than
+   ``b + dark_fraction * (c - b)`` (b = median of the background, c = 75th percentile of the core):
+   clear lung air needs no flooding;
+4. elevation ``E = |grad s| / max|grad s| + contrast_weight * |s - median(s[core])|``: boundaries are
+   ridges of E, and pixels unlike the nodule (air, brighter pleura or bone) sit high;
+5. :func:`skimage.segmentation.watershed` floods E from the markers;
+6. open the foreground with a disk of ``opening_fraction`` of the box's shorter half-side (cuts thin
+   leaks along vessels), clip to the box, keep the component that holds the centre, fill holes.
 """
 
 from __future__ import annotations
