@@ -28,11 +28,11 @@ def read_nifti(path: str | Path, intensity: str) -> ImageData:
         data = np.asanyarray(image.dataobj)
     except Exception as error:
         raise ImageReadError(path, f"unreadable or corrupt NIfTI file ({type(error).__name__}: {error})") from error
-    data = np.squeeze(data, axis=tuple(range(3, data.ndim))) if data.ndim > 3 else data
+    if data.ndim > 3 and all(n == 1 for n in data.shape[3:]):
+        data = data.reshape(data.shape[:3])
     if data.ndim not in (2, 3):
         raise ImageReadError(path, f"wrong dimensionality: expected a 2D slice or 3D volume, got shape {data.shape}")
-    scale = image.dataobj.slope if hasattr(image.dataobj, "slope") else 1.0
-    array = np.asarray(data, dtype=np.float32) if scale in (None, 1.0) else np.asarray(image.get_fdata(), dtype=np.float32)
+    array = np.asarray(data, dtype=np.float32)  # the array proxy has applied scl_slope/scl_inter
     return ImageData(array.T.copy(), image.affine, intensity, {"source_files": [str(path)]})
 
 
