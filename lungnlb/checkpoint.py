@@ -38,14 +38,14 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_NAME = "default"
 
 
-def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """Return (weights .pt, config .json) for a checkpoint given as `x`, `x.pt` or `x.json`."""
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".pt", ".json") else path
     return stem.with_name(stem.name + ".pt"), stem.with_name(stem.name + ".json")
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Call `write(file_object)` on a temporary file beside `path`, then move it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -73,12 +73,12 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: dict[str,
     """
     if "model" not in config or "name" not in config["model"]:
         raise ValueError("checkpoint config needs config['model']['name'] (the registry model name)")
-    weights_path, config_path = _paths(path)
+    weights_path, config_path = checkpoint_paths(path)
     full_config = {"format": FORMAT, "lungnlb_version": lungnlb.__version__, **config}
     text = json.dumps(full_config, indent=2, sort_keys=True, default=_json_default)
     state = _plain_state_dict(model)
-    _atomic_write(weights_path, lambda stream: torch.save(state, stream))
-    _atomic_write(config_path, lambda stream: stream.write(text.encode("utf-8")))
+    atomic_write(weights_path, lambda stream: torch.save(state, stream))
+    atomic_write(config_path, lambda stream: stream.write(text.encode("utf-8")))
     return weights_path
 
 
@@ -93,7 +93,7 @@ def _json_default(value: Any) -> Any:
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read the JSON config of a checkpoint (`x`, `x.pt` or `x.json`)."""
-    _, config_path = _paths(path)
+    _, config_path = checkpoint_paths(path)
     if not config_path.is_file():
         raise FileNotFoundError(f"checkpoint config {config_path} not found (expected beside the .pt weights)")
     try:
@@ -117,7 +117,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
     Returns `(model, config)`.
     """
-    weights_path, _ = _paths(path)
+    weights_path, _ = checkpoint_paths(path)
     if not weights_path.is_file():
         raise FileNotFoundError(f"checkpoint weights {weights_path} not found")
     config = read_config(path)
@@ -129,21 +129,21 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 def default_checkpoint_path() -> Path | None:
     """The weights shipped with the package (`lungnlb/weights/default.pt`), or None if none are shipped."""
-    weights_path, config_path = _paths(WEIGHTS_DIR / DEFAULT_NAME)
+    weights_path, config_path = checkpoint_paths(WEIGHTS_DIR / DEFAULT_NAME)
     return weights_path if weights_path.is_file() and config_path.is_file() else None
 
 
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Atomically write resumable training state (optimiser/scheduler state_dicts, step, ...) to `<path>.state.pt`."""
-    weights_path, _ = _paths(path)
+    weights_path, _ = checkpoint_paths(path)
     state_path = weights_path.with_suffix(".state.pt")
-    _atomic_write(state_path, lambda stream: torch.save(state, stream))
+    atomic_write(state_path, lambda stream: torch.save(state, stream))
     return state_path
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any] | None:
     """Read `<path>.state.pt` written by `save_training_state`, or None if it does not exist."""
-    weights_path, _ = _paths(path)
+    weights_path, _ = checkpoint_paths(path)
     state_path = weights_path.with_suffix(".state.pt")
     if not state_path.is_file():
         return None

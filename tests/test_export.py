@@ -1,0 +1,61 @@
+"""Export: TorchScript matches the eager model; the MONAI bundle runs on a NIfTI slice like Predictor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from lungnlb.checkpoint import save_checkpoint
+from lungnlb.export import export_bundle, export_torchscript
+from lungnlb.inference import Predictor
+from lungnlb.io import axial_affine, read_image, write_nifti
+from lungnlb.networks import build_model
+from train_helpers import TINY_KWARGS
+
+CONFIG = {"model": {"name": "unet_sl_nlb", "kwargs": TINY_KWARGS}, "input_size": [32, 32], "threshold": 0.5,
+          "training_data": {"sources": {"synthetic": {"licence": "none"}}}}
+
+
+def tiny_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("unet_sl_nlb", **TINY_KWARGS)
+    with torch.no_grad():  # make the seg head predict a non-trivial mask
+        model.eval()
+    return save_checkpoint(tmp_path / "ckpt", model, CONFIG), model
+
+
+def test_torchscript_matches_eager(tmp_path):
+    weights, model = tiny_checkpoint(tmp_path)
+    path = export_torchscript(weights, tmp_path / "model.ts")
+    extra = {"config.json": ""}
+    scripted = torch.jit.load(str(path), _extra_files=extra)
+    assert json.loads(extra["config.json"])["model"]["name"] == "unet_sl_nlb"
+    x = torch.rand(2, 1, 32, 32)
+    seg, cls = scripted(x)
+    expected = model.eval()(x)
+    assert torch.allclose(seg, expected["seg"], atol=1e-5) and torch.allclose(cls, expected["cls"], atol=1e-5)
+
+
+def test_monai_bundle_runs_on_a_nifti_slice(tmp_path):
+    weights, _ = tiny_checkpoint(tmp_path)
+    bundle = export_bundle(weights, tmp_path / "bundle")
+    for name in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "docs/README.md"):
+        assert (bundle / name).is_file(), name
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-700, 300, (48, 40)).astype(np.float32)
+    image_path = write_nifti(hu, axial_affine((0.7, 0.7)), tmp_path / "slice.nii.gz")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+               "--bundle_root", str(bundle), "--input_file", str(image_path), "--output_dir", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = list(out.glob("*.nii.gz"))
+    assert len(written) == 1
+    mask = read_image(written[0]).array
+    assert mask.shape == hu.shape
+    expected = Predictor.from_checkpoint(weights).predict(hu, "hu").probability > 0.5
+    assert np.mean((mask > 0.5) == expected) > 0.99
