@@ -15,6 +15,8 @@ COMMANDS = {
     "prepare": "lungnlb.commands.prepare",
     "train": "lungnlb.commands.train",
     "evaluate": "lungnlb.commands.evaluate",
+    "explain": "lungnlb.commands.explain",
+    "export": "lungnlb.commands.export",
 }
 
 
