@@ -1,0 +1,316 @@
+"""The LungNLB MONAI Label app served in-process by FastAPI's TestClient (as MONAI Label's own
+endpoint tests do): real datastore, real checkpoint, real LIDC slices and a real CT series."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from app_support import APP_DIR, REPO, build_studies, lidc_dir, tiny_checkpoint  # noqa: E402
+
+from monailabel.config import settings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lungnlb_app")
+    ids = build_studies(root / "studies")
+    checkpoint = tiny_checkpoint(root / "ckpt" / "tiny")
+    return {"root": root, "studies": root / "studies", "checkpoint": checkpoint, **ids}
+
+
+@pytest.fixture(scope="module")
+def client(workspace):
+    from fastapi.testclient import TestClient
+    from monailabel.interfaces.utils.app import clear_cache
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(APP_DIR)])  # async tasks read it
+    settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
+    settings.MONAI_LABEL_STUDIES = str(workspace["studies"])
+    settings.MONAI_LABEL_APP_CONF = {
+        "checkpoint": str(workspace["checkpoint"]),
+        "model_dir": str(workspace["root"] / "model"),
+        "tracking": "mlflow",
+        "device": "cpu",
+    }
+    settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False
+    settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
+    clear_cache()
+    from monailabel.app import app
+
+    with TestClient(app) as test_client:
+        yield test_client
+    clear_cache()
+
+
+def _multipart(response):
+    parts = MultipartDecoder(response.content, response.headers["content-type"]).parts
+    params, image = None, None
+    for part in parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        if 'name="params"' in disposition:
+            params = json.loads(part.text)
+        else:
+            image = nib.Nifti1Image.from_bytes(_gunzip(part.content))
+    return params, image
+
+
+def _gunzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def _snapshot(studies: Path) -> dict[str, str]:
+    """Digest of every file the datastore owns (images, labels, datastore JSON, provenance)."""
+    return {
+        str(p.relative_to(studies)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(studies.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
+
+
+def test_info_reports_models_weights_and_strategies(client, workspace):
+    info = client.get("/info/").json()
+    assert {"lung_nlb_seg", "lung_nlb_cls", "lung_watershed"} <= set(info["models"])
+    assert {"disagreement", "uncertainty", "random"} <= set(info["strategies"])
+    assert "lung_nlb_seg" in info["trainers"]
+    weights = info["lungnlb"]["weights"]
+    assert weights["trained"] and weights["checkpoint"] == str(workspace["checkpoint"])
+    assert info["datastore"]["total"] == len(workspace["slices"]) + len(workspace["volumes"])
+
+
+def test_untrained_app_starts_and_refuses_model_infer(workspace, tmp_path):
+    from fastapi import HTTPException
+
+    sys.path.insert(0, str(APP_DIR))
+    from main import LungNLBApp
+
+    studies = tmp_path / "studies"
+    build_studies(studies, slices_per_file=1, files=1)
+    app = LungNLBApp(str(APP_DIR), str(studies), {"checkpoint": "none", "model_dir": str(tmp_path / "model")})
+    info = app.info()
+    assert info["lungnlb"]["weights"]["trained"] is False
+    assert "no trained weights" in info["warnings"][0]
+    assert "lung_nlb_seg" not in info["models"] and "lung_watershed" in info["models"]
+    image_id = app.datastore().list_images()[0]
+    for model in ("lung_nlb_seg", "lung_nlb_cls"):
+        with pytest.raises(HTTPException) as error:
+            app.infer({"model": model, "image": image_id})
+        assert error.value.status_code == 503 and "no trained weights" in error.value.detail
+    with pytest.raises(HTTPException) as error:
+        app.next_sample({"strategy": "uncertainty"})
+    assert error.value.status_code == 503
+
+
+def test_infer_2d_slice_keeps_geometry(client, workspace):
+    image_id = workspace["slices"][0]
+    response = client.post(f"/infer/lung_nlb_seg?image={image_id}&output=all")
+    assert response.status_code == 200, response.text
+    params, mask = _multipart(response)
+    source = nib.load(workspace["studies"] / f"{image_id}.nii.gz")
+    assert mask.shape == source.shape and mask.ndim == 2
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+    assert len(params["slice_probabilities"]) == 1
+    assert 0.0 <= params["image_probability"] <= 1.0
+    assert params["tumour_voxels"] == int(np.asarray(mask.dataobj).sum())
+
+
+def test_infer_3d_volume_slice_by_slice(client, workspace):
+    image_id = workspace["volumes"][0]
+    response = client.post(f"/infer/lung_nlb_seg?image={image_id}&output=all")
+    assert response.status_code == 200, response.text
+    params, mask = _multipart(response)
+    source = nib.load(workspace["studies"] / f"{image_id}.nii.gz")
+    assert mask.shape == source.shape and mask.ndim == 3
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+    assert len(params["slice_probabilities"]) == source.shape[2]
+    assert params["image_probability"] == pytest.approx(max(params["slice_probabilities"]), abs=1e-5)
+
+
+def test_infer_uploaded_file_and_classification(client, workspace):
+    path = workspace["studies"] / f"{workspace['slices'][1]}.nii.gz"
+    with open(path, "rb") as stream:
+        response = client.post("/infer/lung_nlb_seg?output=json", files={"file": ("slice.nii.gz", stream)})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["slice_probabilities"]) == 1
+    result = client.post(f"/infer/lung_nlb_cls?image={workspace['slices'][1]}&output=json").json()
+    assert result["label"] in ("neoplasm", "no neoplasm") and 0.0 <= result["score"] <= 1.0
+    assert (result["score"] > result["threshold"]) == (result["label"] == "neoplasm")
+
+
+def _tumour_box(studies: Path, image_id: str) -> list[int]:
+    mask = np.asarray(nib.load(studies / "labels" / "original" / f"{image_id}.nii.gz").dataobj).T  # (Y, X)
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()) - 3, int(ys.min()) - 3, int(xs.max()) + 3, int(ys.max()) + 3]
+
+
+def test_watershed_box_and_points(client, workspace):
+    image_id = workspace["slices"][0]
+    box = _tumour_box(workspace["studies"], image_id)
+    original = np.asarray(nib.load(workspace["studies"] / "labels" / "original" / f"{image_id}.nii.gz").dataobj) > 0
+    params = json.dumps({"box": box})
+    response = client.post(f"/infer/lung_watershed?image={image_id}&output=all", data={"params": params})
+    assert response.status_code == 200, response.text
+    result, mask = _multipart(response)
+    watershed = np.asarray(mask.dataobj) > 0
+    assert result["method"] == "box" and watershed.shape == original.shape
+    overlap = 2 * (watershed & original).sum() / (watershed.sum() + original.sum())
+    assert overlap > 0.5, f"watershed from the radiologist's box overlaps the radiologist mask by Dice {overlap:.2f}"
+    centre = [(box[0] + box[2]) // 2, (box[1] + box[3]) // 2]
+    points = json.dumps({"foreground": [centre], "background": [[box[0] - 10, box[1] - 10]]})
+    response = client.post(f"/infer/lung_watershed?image={image_id}&output=json", data={"params": points})
+    assert response.status_code == 200 and response.json()["method"] == "points"
+    assert response.json()["mask_pixels"] > 0
+
+
+def test_watershed_on_a_volume_slice(client, workspace):
+    image_id = workspace["volumes"][0]
+    params = json.dumps({"foreground": [[256, 256, 2]]})
+    response = client.post(f"/infer/lung_watershed?image={image_id}&output=image", data={"params": params})
+    assert response.status_code == 200, response.text
+    mask = np.asarray(nib.Nifti1Image.from_bytes(_gunzip(response.content)).dataobj) > 0
+    per_slice = mask.reshape(-1, mask.shape[2]).sum(axis=0)
+    assert per_slice[2] > 0 and per_slice.sum() == per_slice[2]
+
+
+def test_final_label_is_versioned_and_original_kept(client, workspace):
+    studies = workspace["studies"]
+    image_id = workspace["slices"][2]
+    original_path = studies / "labels" / "original" / f"{image_id}.nii.gz"
+    original_digest = hashlib.sha256(original_path.read_bytes()).hexdigest()
+    assert client.post(f"/infer/lung_nlb_seg?image={image_id}&output=json").status_code == 200  # the proposal
+    for version in (1, 2):
+        with open(original_path, "rb") as stream:
+            response = client.put(
+                f"/datastore/label?image={image_id}&tag=final",
+                files={"label": ("label.nii.gz", stream)},
+                data={"params": json.dumps({"user": "radiologist-a"})},
+            )
+        assert response.status_code == 200, response.text
+        info = client.get(f"/datastore/label/info?label={image_id}&tag=final").json()
+        record = info["provenance"]
+        assert record["version"] == version and record["user"] == "radiologist-a"
+        assert record["proposed_by"] == "lung_nlb_seg" and record["proposal_model_version"]
+        assert record["dice_original_vs_final"] == pytest.approx(1.0)
+        assert 0.0 <= record["dice_proposal_vs_final"] <= 1.0
+    assert hashlib.sha256(original_path.read_bytes()).hexdigest() == original_digest
+    history = studies / ".lungnlb" / "labels" / image_id
+    assert (history / "final_v1.nii.gz").is_file() and (history / "final_v2.nii.gz").is_file()
+    with open(original_path, "rb") as stream:
+        response = client.put(f"/datastore/label?image={image_id}&tag=original", files={"label": ("x.nii.gz", stream)})
+    assert response.status_code == 409 and "never overwritten" in response.json()["detail"]
+    assert hashlib.sha256(original_path.read_bytes()).hexdigest() == original_digest
+    assert client.get("/info/").json()["lungnlb"]["provenance"]["submissions"] >= 2
+
+
+def test_strategies_return_unlabelled_images_top_k(client, workspace):
+    labelled = set(client.get("/datastore/?output=all").json()["objects"])
+    finals = {k for k, v in client.get("/datastore/?output=all").json()["objects"].items() if "final" in v["labels"]}
+    for strategy in ("disagreement", "uncertainty", "random"):
+        response = client.post(f"/activelearning/{strategy}", json={"top_k": 3})
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert result["id"] in labelled and result["id"] not in finals
+        if strategy != "random":
+            assert len(result["top_k"]) == 3 and result["top_k"][0]["id"] == result["id"]
+            scores = [item["score"] for item in result["top_k"]]
+            assert scores == sorted(scores, reverse=True)
+
+
+def test_disagreement_picks_the_corrupted_original_label(client, workspace):
+    """Erase the original label of a tumour slice: the model's mask there is non-empty, so that
+    label has the lowest Dice (0) with the model and must come first."""
+    studies = workspace["studies"]
+    victim = workspace["slices"][3]
+    path = studies / "labels" / "original" / f"{victim}.nii.gz"
+    proposal = client.post(f"/infer/lung_nlb_seg?image={victim}&output=json").json()
+    assert proposal["tumour_voxels"] > 0, "precondition: the model marks something on this slice"
+    label = nib.load(path)
+    empty = nib.Nifti1Image(np.zeros(label.shape, dtype=np.uint8), label.affine)
+    nib.save(empty, path)
+    result = client.post("/activelearning/disagreement", json={"top_k": 2}).json()
+    assert result["id"] == victim and result["score"] == pytest.approx(1.0)
+
+
+def test_train_one_epoch_publishes_new_weights(client, workspace):
+    image_id = workspace["slices"][0]
+    before = client.post(f"/infer/lung_nlb_seg?image={image_id}&output=json").json()
+    params = {"max_epochs": 1, "train_batch_size": 4, "learning_rate": 1e-3, "val_split": 0.2}
+    response = client.post("/train/lung_nlb_seg?run_sync=true", json=params)
+    assert response.status_code == 200, response.text
+    stats = client.get("/info/").json()["train_stats"]["lung_nlb_seg"]
+    assert stats["total_epochs"] == 1 and stats["train_slices"]["final"] >= 1
+    assert stats["base_model_version"] == before["model_version"]
+    published = Path(stats["published"])
+    assert published.is_file() and published.with_suffix(".json").is_file()
+    assert not list(published.parent.glob(".*.tmp"))
+    after = client.post(f"/infer/lung_nlb_seg?image={image_id}&output=json").json()
+    assert after["model_version"] == stats["model_version"] != before["model_version"]
+    assert after["slice_probabilities"] != before["slice_probabilities"]
+    assert (workspace["root"] / "model" / "mlflow.db").is_file()
+
+
+def _non_ct_dicom(tmp_path: Path) -> Path:
+    source = next((lidc_dir() / "dicom").rglob("*.dcm"))
+    dataset = pydicom.dcmread(source)
+    dataset.Modality = "MR"
+    path = tmp_path / "mr.dcm"
+    dataset.save_as(path)
+    return path
+
+
+def _four_d_nifti(tmp_path: Path) -> Path:
+    path = tmp_path / "four_d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 4, 2), dtype=np.int16), np.eye(4)), path)
+    return path
+
+
+def test_bad_inputs_get_4xx_and_leave_the_datastore_alone(client, workspace, tmp_path):
+    studies = workspace["studies"]
+    before = _snapshot(studies)
+    slice_id = workspace["slices"][0]
+    corrupt = b"\x1f\x8b\x08\x00 this is not a NIfTI file at all"
+    cases = [
+        ("corrupt upload", "post", "/infer/lung_nlb_seg", {"files": {"file": ("x.nii.gz", io.BytesIO(corrupt))}}, 422),
+        ("empty upload", "post", "/infer/lung_nlb_seg", {"files": {"file": ("x.nii.gz", io.BytesIO(b""))}}, 400),
+        ("unknown id", "post", "/infer/lung_nlb_seg?image=no_such_image", {}, 404),
+        ("../ id", "post", "/infer/lung_nlb_seg?image=../../etc/passwd", {}, 400),
+        ("outside path", "post", "/infer/lung_nlb_seg?image=/etc/passwd", {}, 400),
+        ("unknown model", "post", f"/infer/no_such_model?image={slice_id}", {}, 404),
+        ("unknown strategy", "post", "/activelearning/no_such_strategy", {"json": {}}, 404),
+        ("bad watershed box", "post", f"/infer/lung_watershed?image={slice_id}",
+         {"data": {"params": json.dumps({"box": [500, 500, 10, 10]})}}, 422),
+        ("4D upload", "put", "/datastore/image?image=four_d",
+         {"files": {"file": ("four_d.nii.gz", _four_d_nifti(tmp_path).open("rb"))}}, 422),
+        ("non-CT DICOM", "put", "/datastore/image?image=mr_scan",
+         {"files": {"file": ("mr.dcm", _non_ct_dicom(tmp_path).open("rb"))}}, 422),
+        ("../ image upload", "put", "/datastore/image?image=../evil",
+         {"files": {"file": ("e.nii.gz", (studies / f"{slice_id}.nii.gz").open("rb"))}}, 400),
+        ("empty image upload", "put", "/datastore/image?image=empty", {"files": {"file": ("e.nii.gz", io.BytesIO(b""))}}, 400),
+        ("../ label id", "put", "/datastore/label?image=../evil&tag=final",
+         {"files": {"label": ("l.nii.gz", (studies / f"{slice_id}.nii.gz").open("rb"))}}, 400),
+        ("label for unknown image", "put", "/datastore/label?image=no_such_image&tag=final",
+         {"files": {"label": ("l.nii.gz", (studies / f"{slice_id}.nii.gz").open("rb"))}}, 404),
+        ("corrupt label", "put", f"/datastore/label?image={slice_id}&tag=final",
+         {"files": {"label": ("l.nii.gz", io.BytesIO(corrupt))}}, 422),
+        ("label of the wrong shape", "put", f"/datastore/label?image={slice_id}&tag=final",
+         {"files": {"label": ("l.nii.gz", (studies / f"{workspace['volumes'][0]}.nii.gz").open("rb"))}}, 422),
+    ]
+    for name, method, url, kwargs, status in cases:
+        response = getattr(client, method)(url, **kwargs)
+        assert response.status_code == status, f"{name}: {response.status_code} {response.text}"
+        assert response.json()["detail"], f"{name}: no message"
+        assert client.get("/info/").status_code == 200, f"server unhealthy after {name}"
+    assert _snapshot(studies) == before
