@@ -40,7 +40,7 @@ from lungnlb.io import (
     read_voc,
     write_nifti,
 )
-from lungnlb.io.dicom import list_dicom_series
+from lungnlb.io.dicom import list_dicom_series, walk_files
 from lungnlb.io.raster import RASTER_SUFFIXES
 
 LOGGER = logging.getLogger(__name__)
@@ -101,10 +101,10 @@ def safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "image"
 
 
-def _xml_index(src: Path) -> tuple[dict[str, Path], dict[str, Path]]:
-    """All XML below ``src``: VOC files by SOP UID (file stem), LIDC reader files by SeriesInstanceUID."""
+def _xml_index(files: list[Path]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """All XML among ``files``: VOC files by SOP UID (file stem), LIDC reader files by SeriesInstanceUID."""
     voc, lidc = {}, {}
-    for path in sorted(src.rglob("*.xml")):
+    for path in (p for p in files if p.suffix.lower() == ".xml"):
         try:
             root = ET.parse(path).getroot()
         except ET.ParseError:
@@ -130,18 +130,19 @@ def _is_npz_slices(path: Path) -> bool:
 def discover(src: Path) -> tuple[list[Item], list[str]]:
     """Items of every recognised layout below ``src`` (sorted, deterministic) and skip reasons."""
     items, skipped = [], []
-    for path in sorted(src.rglob("*.npz")):
+    files = walk_files(src)
+    for path in (p for p in files if p.suffix.lower() == ".npz"):
         if _is_npz_slices(path):
             items.append(Item("lidc-npz", path))
         else:
             skipped.append(f"{path}: npz without images/masks arrays")
-    voc, lidc = _xml_index(src)
+    voc, lidc = _xml_index(files)
     for folder in list_dicom_series(src):
         items.append(Item("dicom", folder, {"voc": voc, "lidc": lidc}))
-    for path in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES):
+    for path in (p for p in files if p.suffix.lower() in RASTER_SUFFIXES):
         kind = "iq-othnccd" if path.parent.name.lower() in IQ_CLASSES else "images"
         items.append(Item(kind, path))
-    for path in sorted(p for p in src.rglob("*") if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)):
+    for path in (p for p in files if p.name.lower().endswith(VOLUME_SUFFIXES)):
         items.append(Item("images", path))
     return items, skipped
 

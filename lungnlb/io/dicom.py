@@ -13,6 +13,7 @@ consecutive positions), the LPS affine maps (column, row, slice) to
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -188,8 +189,20 @@ def _stack(folder: Path, slices: list[tuple[Path, pydicom.Dataset]], skipped: li
     return ImageData(volume, _affine(slices[0][1], step), "hu", meta)
 
 
+def walk_files(root: str | Path) -> list[Path]:
+    """Every regular file below ``root``, following folder symlinks (each real folder visited once), sorted."""
+    found, visited = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            subfolders[:] = []
+            continue
+        visited.add(real)
+        subfolders.sort()
+        found += [Path(folder) / name for name in files if not name.startswith(".")]
+    return sorted(found)
+
+
 def list_dicom_series(root: str | Path) -> list[Path]:
-    """Folders under ``root`` (recursive, ``root`` included) that directly hold ``.dcm`` files."""
-    root = Path(root)
-    folders = {p.parent for p in root.rglob("*.dcm")}
-    return sorted(folders)
+    """Folders under ``root`` (recursive, ``root`` included, symlinks followed) that directly hold ``.dcm`` files."""
+    return sorted({p.parent for p in walk_files(root) if p.suffix.lower() == ".dcm"})
