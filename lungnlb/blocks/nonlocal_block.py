@@ -4,6 +4,7 @@ For x of shape (B, C, H, W) cut into an n x n grid (see `tokenize`), with 1x1 co
 f, g, h: C -> C' (queries, keys, values), v: C' -> C and W: C -> C applied per pixel:
 
     q_i, k_i, v_i = tokens of f(x), g(x), h(x)           each of dimension d_k = C' * ph * pw
+                                                           (f, g, h computed as one 1x1 convolution C -> 3C')
     s_ij  = q_i . k_j / sqrt(d_k)                          (basic)
     s_ij  = D_ij * q_i . k_j / sqrt(d_k)                   (localized, D = locality_weights)
     a_ij  = softmax_j(s_ij)                                (float32)
@@ -11,7 +12,7 @@ f, g, h: C -> C' (queries, keys, values), v: C' -> C and W: C -> C applied per p
     O_i   = v(theta_i * sum_j a_ij v_j)                    (symmetry; theta = symmetry_gate(x))
     Y     = W(O) + X
 
-W starts at zero, so the block is the identity at initialisation; W receives gradient from the
+W is a bias-free 1x1 convolution (v carries the bias) and starts at zero, so the block is the identity at initialisation; W receives gradient from the
 first step and the projections from the step after (once W is non-zero).
 """
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from .locality import DISTANCES, locality_weights
+from .pointwise import PointwiseConv2d
 from .symmetry import symmetry_gate
 from .tokenize import check_grid_divides, grid_to_tokens, tokens_to_grid
 
@@ -59,13 +61,11 @@ class NonLocalBlock2d(nn.Module):
         self.variant, self.distance = variant, distance
         self.localized = variant in ("localized", "symmetry_localized")
         self.symmetric = variant in ("symmetry", "symmetry_localized")
-        self.query = nn.Conv2d(in_channels, inner, kernel_size=1)
-        self.key = nn.Conv2d(in_channels, inner, kernel_size=1)
-        self.value = nn.Conv2d(in_channels, inner, kernel_size=1)
-        self.out = nn.Conv2d(inner, in_channels, kernel_size=1)
-        self.residual = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        # f, g, h as one 1x1 convolution: output channels [0, C') are queries, [C', 2C') keys, [2C', 3C') values
+        self.qkv = PointwiseConv2d(in_channels, 3 * inner)
+        self.out = PointwiseConv2d(inner, in_channels)
+        self.residual = PointwiseConv2d(in_channels, in_channels, bias=False)
         nn.init.zeros_(self.residual.weight)
-        nn.init.zeros_(self.residual.bias)
         locality = locality_weights(grid, distance) if self.localized else torch.ones(0)
         self.register_buffer("locality", locality, persistent=False)
 
@@ -85,14 +85,13 @@ class NonLocalBlock2d(nn.Module):
         if self.symmetric:
             attended = attended * symmetry_gate(x, self.grid).unsqueeze(-1)
         mixed = tokens_to_grid(attended, self.grid, self.inner_channels, height, width)
-        y = self.residual(self.out(mixed.to(x.dtype))) + x
+        y = self.residual(self.out(mixed.to(x.dtype)), add=x)
         return (y, attention) if return_attention else y
 
     def _attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens sum_j a_ij v_j (B, n*n, d_k) and the attention a (B, n*n, n*n), both float32."""
-        queries = grid_to_tokens(self.query(x), self.grid)
-        keys = grid_to_tokens(self.key(x), self.grid)
-        values = grid_to_tokens(self.value(x), self.grid)
+        # a token of the fused map is (3C', ph, pw) flattened, so q, k, v are consecutive thirds of it
+        queries, keys, values = grid_to_tokens(self.qkv(x), self.grid).chunk(3, dim=-1)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = torch.bmm(queries.float(), keys.float().transpose(1, 2))
             logits = logits * (1.0 / math.sqrt(queries.shape[-1]))
