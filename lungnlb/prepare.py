@@ -347,9 +347,20 @@ def _existing(out: Path) -> dict[str, list[dict]]:
     return found
 
 
+def storage_dtype(array: np.ndarray) -> type:
+    """Smallest lossless type for the image: uint8 for 0..255 integers, int16 for integral HU, else float32."""
+    if array.size == 0 or not np.all(np.mod(array, 1) == 0):
+        return np.float32
+    low, high = float(array.min()), float(array.max())
+    if low >= 0 and high <= 255:
+        return np.uint8
+    return np.int16 if low >= -32768 and high <= 32767 else np.float32
+
+
 def write_prepared(prepared: Prepared, out: Path) -> None:
-    """Write one image, its mask and its sidecar (each atomically)."""
-    write_nifti(prepared.image.array, prepared.image.affine, out / f"{prepared.image_id}.nii.gz")
+    """Write one image (in its smallest lossless type), its mask and its sidecar (each atomically)."""
+    array = prepared.image.array
+    write_nifti(array, prepared.image.affine, out / f"{prepared.image_id}.nii.gz", storage_dtype(array))
     if prepared.mask is not None:
         write_nifti(prepared.mask.astype(np.uint8), prepared.image.affine, out / "labels" / "original" / f"{prepared.image_id}.nii.gz", np.uint8)
     _write_json(prepared.sidecar, out / "meta" / f"{prepared.image_id}.json")
@@ -388,6 +399,7 @@ def prepare(src: str | Path, out: str | Path, fmt: str = "auto", consensus: floa
                     raise ValueError(f"image id {prepared.image_id} already produced from {seen[prepared.image_id]}")
                 seen[prepared.image_id] = item.path
                 prepared.sidecar["fingerprint"] = item_fingerprint
+                prepared.sidecar["source_files"] = [os.path.relpath(f, src) for f in prepared.sidecar.get("source_files", [])]
                 write_prepared(prepared, out)
                 source = prepared.sidecar["source"]
                 summary.written[source] += 1

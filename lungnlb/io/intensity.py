@@ -8,7 +8,7 @@
   so no HU can be recovered; /255 is the only honest map.
 * ``"normalized"`` (the LIDC npz slices, lung-masked, ~-0.3..5): first to HU with the linear map
   ``HU = 818.9 * v - 887.4`` fitted on all 22 npz slices that match a DICOM slice of the same
-  patient (pixels inside the lung mask; per-patient slopes 771..1138, pooled residual SD 78 HU;
+  patient (pixels inside the lung mask; per-patient slopes 766..1133, pooled residual SD 78 HU;
   ``benchmarks/npz_hu_fit.py``), then the lung window as for HU.
 """
 
