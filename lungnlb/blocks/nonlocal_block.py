@@ -97,6 +97,8 @@ class NonLocalBlock2d(nn.Module):
             logits = logits * (1.0 / math.sqrt(queries.shape[-1]))
             if self.localized:
                 logits = logits * self.locality
+            limit = torch.finfo(torch.float32).max  # overflowing logits saturate instead of giving NaN
+            logits = torch.nan_to_num(logits, nan=0.0, posinf=limit, neginf=-limit)
             attention = torch.softmax(logits, dim=-1)
             attended = torch.bmm(attention, values.float())
         return attended, attention

@@ -29,12 +29,12 @@ class ModelSpec:
     divisor: Callable[..., int]
 
 
-def _nlb_unet(variant: str) -> ModelSpec:
+def _nlb_unet(name: str, variant: str) -> ModelSpec:
     def factory(in_channels: int = 1, nlb_levels=NLB_LEVELS, grid: int = NLB_GRID, **kwargs) -> SegClsUNet:
-        return SegClsUNet(in_channels, variant, nlb_levels, grid, name=f"unet_{variant}_nlb", **kwargs)
+        return SegClsUNet(in_channels, variant, nlb_levels, grid, name=name, **kwargs)
 
     def divisor(nlb_levels=NLB_LEVELS, grid: int = NLB_GRID, **_) -> int:
-        return unet_size_divisor(nlb_levels, grid)
+        return unet_size_divisor(nlb_levels, grid, symmetric=variant.startswith("symmetry"))
 
     return ModelSpec(factory, True, divisor)
 
@@ -50,10 +50,10 @@ def _fixed(value: int) -> Callable[..., int]:
 _REGISTRY: dict[str, ModelSpec] = {
     "unet": ModelSpec(lambda in_channels=1, **kw: SegClsUNet(in_channels, name="unet", **kw), True, _fixed(16)),
     "unet_sa": ModelSpec(_unet_sa, True, _fixed(16)),
-    "unet_nlb": _nlb_unet("basic"),
-    "unet_localized_nlb": _nlb_unet("localized"),
-    "unet_sb_nlb": _nlb_unet("symmetry"),
-    "unet_sl_nlb": _nlb_unet("symmetry_localized"),
+    "unet_nlb": _nlb_unet("unet_nlb", "basic"),
+    "unet_localized_nlb": _nlb_unet("unet_localized_nlb", "localized"),
+    "unet_sb_nlb": _nlb_unet("unet_sb_nlb", "symmetry"),
+    "unet_sl_nlb": _nlb_unet("unet_sl_nlb", "symmetry_localized"),
     "unetpp": ModelSpec(UNetPlusPlusSegCls, True, _fixed(UNetPlusPlusSegCls.size_divisor)),
     "deeplabv3plus": ModelSpec(DeepLabV3Plus, True, _fixed(DeepLabV3Plus.size_divisor)),
     "resnet50": ModelSpec(build_resnet50, False, _fixed(32)),

@@ -28,11 +28,15 @@ FEATURES = (32, 32, 64, 128, 256, 32)
 DEPTH = 4  # BasicUNet halves the size four times
 
 
-def unet_size_divisor(nlb_levels: Sequence[int] = (), grid: int = 8) -> int:
-    """Smallest d such that H, W divisible by d fit the U-Net and every block's grid."""
+def unet_size_divisor(nlb_levels: Sequence[int] = (), grid: int = 8, symmetric: bool = False) -> int:
+    """Smallest d such that H, W divisible by d fit the U-Net and every block's grid.
+
+    A block at level l needs H / 2**l divisible by the grid; a symmetric block also needs cells at
+    least two rows tall (a top and a bottom half), hence an even cell height.
+    """
     divisor = 2**DEPTH
     for level in nlb_levels:
-        divisor = math.lcm(divisor, 2**level * grid)
+        divisor = math.lcm(divisor, 2**level * grid * (2 if symmetric else 1))
     return divisor
 
 
@@ -81,7 +85,8 @@ class SegClsUNet(nn.Module):
         )
         self.bottleneck = bottleneck if bottleneck is not None else nn.Identity()
         self.classifier = nn.Linear(features[DEPTH], 1)
-        self.size_divisor = unet_size_divisor(levels, grid)
+        symmetric = nlb_variant in ("symmetry", "symmetry_localized")
+        self.size_divisor = unet_size_divisor(levels, grid, symmetric)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False) -> dict:
         check_input_size(x, self.size_divisor, self.name)
