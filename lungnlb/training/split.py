@@ -59,12 +59,13 @@ def make_split(
         cases["test"] += members[:n_test]
         cases["val"] += members[n_test : n_test + n_val]
         cases["train"] += members[n_test + n_val :]
-    return _with_images(
+    return with_images(
         {"seed": seed, "fractions": {"val": val_fraction, "test": test_fraction}, "cases": cases}, records
     )
 
 
-def _with_images(split: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+def with_images(split: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """`split` with its image lists re-derived from its cases (images of unknown cases are left out)."""
     subset_of = {case: subset for subset, members in split["cases"].items() for case in members}
     images: dict[str, list[str]] = {subset: [] for subset in SUBSETS}
     for record in sorted(records, key=lambda r: r["image_id"]):
@@ -77,7 +78,7 @@ def _with_images(split: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
 def all_train_split(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Every case in `train` (for the final model trained on all data)."""
     cases = sorted({record["case"] for record in records})
-    return _with_images({"seed": None, "fractions": {"val": 0.0, "test": 0.0},
+    return with_images({"seed": None, "fractions": {"val": 0.0, "test": 0.0},
                          "cases": {"train": cases, "val": [], "test": []}}, records)
 
 
@@ -99,4 +100,4 @@ def load_split(path: str | os.PathLike, records: list[dict[str, Any]] | None = N
     split = json.loads(path.read_text(encoding="utf-8"))
     if "cases" not in split or not all(subset in split["cases"] for subset in SUBSETS):
         raise ValueError(f"split file {path} has no 'cases' with subsets {SUBSETS}")
-    return _with_images(split, records) if records is not None else split
+    return with_images(split, records) if records is not None else split
