@@ -1,0 +1,109 @@
+"""The LungNLB app as a real `monailabel start_server` subprocess on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from app_support import APP_DIR, REPO, build_studies, tiny_checkpoint  # noqa: E402
+
+START_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(studies: Path, conf: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """Start `monailabel start_server` on a free loopback port; wait (bounded) until /info answers."""
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(APP_DIR),
+               "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in conf.items():
+        command += ["--conf", key, value]
+    bin_dir = str(Path(sys.executable).parent)  # the monailabel script runs the `python` on PATH
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONPATH": str(REPO),
+           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise TimeoutError(f"server did not answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lungnlb_server")
+    ids = build_studies(root / "studies", slices_per_file=2, files=1)
+    checkpoint = tiny_checkpoint(root / "ckpt" / "tiny")
+    conf = {"checkpoint": str(checkpoint), "model_dir": str(root / "model"), "device": "cpu"}
+    process, url = start_server(root / "studies", conf, root / "server.log")
+    try:
+        yield {"url": url, "root": root, **ids}
+    finally:
+        stop_server(process)
+
+
+def test_real_server_info_infer_and_bad_input(server):
+    url = server["url"]
+    info = requests.get(f"{url}/info/", timeout=30).json()
+    assert info["lungnlb"]["weights"]["trained"] and "lung_nlb_seg" in info["models"]
+    image_id = server["slices"][0]
+    response = requests.post(f"{url}/infer/lung_nlb_seg", params={"image": image_id, "output": "json"}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["slice_probabilities"]) == 1
+    box = json.dumps({"box": [200, 200, 260, 260]})
+    response = requests.post(f"{url}/infer/lung_watershed", params={"image": image_id, "output": "image"},
+                             data={"params": box}, timeout=60)
+    assert response.status_code == 200 and len(response.content) > 0
+    response = requests.post(f"{url}/infer/lung_nlb_seg", params={"image": "../secret"}, timeout=30)
+    assert response.status_code == 400 and "not valid" in response.json()["detail"]
+    assert requests.get(f"{url}/info/", timeout=30).status_code == 200
+
+
+def test_real_server_async_training_publishes(server):
+    """Async training runs in a subprocess of the server; the server picks up the published weights."""
+    url = server["url"]
+    before = requests.get(f"{url}/info/", timeout=30).json()["lungnlb"]["weights"]["version"]
+    params = {"max_epochs": 1, "train_batch_size": 4, "val_split": 0.0, "original_weight": 1.0, "tracking": "none"}
+    response = requests.post(f"{url}/train/lung_nlb_seg", json=params, timeout=30)
+    assert response.status_code == 200, response.text
+    deadline = time.monotonic() + 240
+    status = {}
+    while time.monotonic() < deadline:
+        status = requests.get(f"{url}/train/", timeout=30).json()
+        if status.get("status") in ("DONE", "ERROR"):
+            break
+        time.sleep(2)
+    assert status.get("status") == "DONE", f"train task: {status}; log tail:\n{(server['root'] / 'server.log').read_text()[-2000:]}"
+    weights = requests.get(f"{url}/info/", timeout=30).json()["lungnlb"]["weights"]
+    assert weights["source"] == "published by training" and weights["version"] != before
