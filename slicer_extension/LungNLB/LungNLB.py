@@ -25,7 +25,7 @@ from LungNLBLib.client import MonaiLabelClient
 from LungNLBLib.errors import ClientError
 from LungNLBLib.geometry import as_volume, points_to_pixels, ras_box_to_pixel_box
 from LungNLBLib.probability import merge_rows, probability_at
-from LungNLBLib.session import DEFAULT_STRATEGY, AnnotationSession, describe_training
+from LungNLBLib.session import DEFAULT_STRATEGY, AnnotationSession, describe_training, training_active
 
 SETTINGS_PREFIX = "LungNLB/"
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
@@ -268,7 +268,7 @@ class LungNLBWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainStatusLabel.text = "cannot read training progress: {}".format(error)
             return
         self.ui.trainStatusLabel.text = describe_training(status)
-        if status is None or str(status.get("status", "")).upper() not in ("RUNNING", "SUBMITTED"):
+        if not training_active(status):
             self.trainTimer.stop()
 
     def onTableRowDoubleClicked(self, row, column):
@@ -530,7 +530,7 @@ class LungNLBTest(ScriptedLoadableModuleTest):
         logic.startTraining(session, 1)
         deadline = time.time() + 900
         status = session.training_status()
-        while status and str(status.get("status", "")).upper() == "RUNNING" and time.time() < deadline:
+        while training_active(status) and time.time() < deadline:
             slicer.app.processEvents()
             time.sleep(2)
             status = session.training_status()

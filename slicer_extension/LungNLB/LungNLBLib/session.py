@@ -175,7 +175,7 @@ class AnnotationSession:
         slices = sorted({int(z) for z in (labelled_slices if labelled_slices is not None else range(depth))})
         if any(not 0 <= z < depth for z in slices):
             raise ValueError(f"labelled slices {slices} are outside the image's {depth} slices")
-        params = {"annotator": self.annotator, "client": "LungNLB 3D Slicer", "labelled_slices": slices}
+        params = {"user": self.annotator, "client": "LungNLB 3D Slicer", "labelled_slices": slices}
         label = write_nifti_bytes((mask > 0).astype(np.uint8), sample.image.affine)
         entry = self.pending.save(sample.image_id, label, params, tag="final")
         return self._upload(entry)
@@ -204,6 +204,14 @@ class AnnotationSession:
 
     def training_status(self) -> Optional[Dict[str, Any]]:
         return self.client.train_status()
+
+
+FINISHED_TRAIN_STATES = ("DONE", "ERROR", "STOPPED")
+
+
+def training_active(status: Optional[Dict[str, Any]]) -> bool:
+    """Whether the latest train task is still queued or running (MONAI Label: SUBMITTED -> RUNNING -> DONE/ERROR)."""
+    return bool(status) and str(status.get("status", "")).upper() not in FINISHED_TRAIN_STATES
 
 
 def describe_training(status: Optional[Dict[str, Any]]) -> str:
