@@ -193,6 +193,8 @@ def test_full_annotation_loop_against_the_real_server(server, session):
     assert probability_at(one.rows, z) == pytest.approx(probability_at(whole.rows, z), abs=1e-4)
     np.testing.assert_array_equal(one.mask, whole.mask[z])
     version_before = whole.params["model_version"]
+    heat = session.attention_slice(volume, z)  # the optional overlay: only slice z is sent
+    assert heat.shape == volume.image.array.shape[1:] and np.isfinite(heat).all() and heat.max() > 0
 
     # watershed from a box around a radiologist-drawn nodule on a 2D slice, and from a click at its centre
     nodule = session.load_sample(server.ids["slices"][0])

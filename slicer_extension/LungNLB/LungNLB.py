@@ -5,7 +5,6 @@ formats live in LungNLBLib (pure Python, tested outside Slicer).
 """
 
 import contextlib
-import logging
 import os
 import time
 
