@@ -219,3 +219,11 @@ def test_symmetry_needs_cells_two_rows_tall():
 def test_unknown_variant_is_rejected():
     with pytest.raises(ValueError, match="variant"):
         NonLocalBlock2d(4, variant="global")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_reaches_the_input(variant):
+    block = randomise(NonLocalBlock2d(4, grid=2, variant=variant))
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    block(x).square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

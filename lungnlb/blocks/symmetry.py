@@ -27,7 +27,7 @@ def symmetry_gate(x: torch.Tensor, grid: int) -> torch.Tensor:
     with torch.autocast(device_type=x.device.type, enabled=False):
         halves = cell_halves(x, grid).reshape(batch, -1)
         peak = torch.linalg.vector_norm(halves, ord=float("inf"), dim=1, keepdim=True)
-        halves = halves.div_(peak.clamp(min=tiny)).reshape(batch * grid * grid, 2, -1)
+        halves = (halves / peak.clamp(min=tiny)).reshape(batch * grid * grid, 2, -1)
         gram = torch.bmm(halves, halves.transpose(1, 2))  # [[|t|^2, t.b], [t.b, |b|^2]] per cell
     norms = (gram[:, 0, 0] * gram[:, 1, 1]).sqrt()
     theta = torch.where(norms > 0, gram[:, 0, 1] / norms.clamp(min=tiny), 0.0)

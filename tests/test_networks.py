@@ -1,0 +1,132 @@
+"""Registry entries, output contract, size checks, attention maps, and a short overfit on a real slice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lungnlb.blocks import NonLocalBlock2d
+from lungnlb.explain import attention_maps
+from lungnlb.networks import build_model, is_segmentation_model, list_models, size_divisor
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NLB_MODELS = ["unet_nlb", "unet_localized_nlb", "unet_sb_nlb", "unet_sl_nlb"]
+PAPER_MODELS = ["unet", "unet_sa", *NLB_MODELS, "unetpp", "resnet50", "efficientnet_b4"]
+
+
+def test_registry_has_the_paper_models():
+    assert set(PAPER_MODELS) <= set(list_models())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_output_keys_and_shapes(name):
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    size = max(size_divisor(name), 64)
+    with torch.no_grad():
+        output = model(torch.randn(1, 1, size, size))
+    expected = {"seg", "cls"} if is_segmentation_model(name) else {"cls"}
+    assert set(output) == expected
+    assert output["cls"].shape == (1, 1)
+    if "seg" in output:
+        assert output["seg"].shape == (1, 1, size, size)
+    assert all(torch.isfinite(value).all() for value in output.values())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_size_not_divisible_is_rejected_naming_size_and_divisor(name):
+    divisor = size_divisor(name)
+    bad = divisor * 2 + divisor // 2
+    model = build_model(name).eval()
+    with pytest.raises(ValueError, match=rf"{divisor}.*{bad}x{bad}|{bad}x{bad}.*{divisor}"):
+        model(torch.randn(1, 1, bad, bad))
+
+
+def test_size_divisor_follows_levels_and_grid():
+    assert size_divisor("unet") == 16
+    assert size_divisor("unet_nlb", nlb_levels=(3,), grid=8) == 64
+    assert size_divisor("unet_sl_nlb", nlb_levels=(2,), grid=4) == 32  # symmetric: even cell height
+    assert build_model("unet_nlb", nlb_levels=(1,), grid=4).size_divisor == size_divisor("unet_nlb", nlb_levels=(1,), grid=4)
+
+
+def test_unknown_model_is_rejected_with_the_known_names():
+    with pytest.raises(ValueError, match="unet_sl_nlb"):
+        build_model("unet_transformer")
+
+
+def test_in_channels_is_honoured():
+    output = build_model("unet_sl_nlb", in_channels=3).eval()(torch.randn(1, 3, 128, 128))
+    assert output["seg"].shape == (1, 1, 128, 128)
+
+
+@pytest.mark.parametrize("name", NLB_MODELS)
+def test_nlb_unet_is_the_unet_backbone_plus_blocks(name):
+    unet_keys = set(build_model("unet").state_dict())
+    model = build_model(name)
+    keys = set(model.state_dict())
+    assert unet_keys <= keys
+    assert all(key.startswith("nlb.") for key in keys - unet_keys)
+    blocks = [module for module in model.modules() if isinstance(module, NonLocalBlock2d)]
+    assert len(blocks) == 2 and {block.grid for block in blocks} == {8}
+
+
+def test_nlb_unet_equals_unet_at_initialisation():
+    # the blocks start as the identity, so with the same backbone weights the outputs agree
+    unet, nlb = build_model("unet").eval(), build_model("unet_sl_nlb").eval()
+    nlb.load_state_dict(unet.state_dict(), strict=False)
+    x = torch.randn(1, 1, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(nlb(x)["seg"], unet(x)["seg"])
+
+
+def test_attention_maps_one_per_block_in_unit_range():
+    maps = attention_maps(build_model("unet_sl_nlb"), torch.randn(1, 1, 128, 128))
+    assert set(maps) == {"level2", "level3"}
+    for heat in maps.values():
+        assert heat.shape == (128, 128) and heat.dtype == np.float32
+        assert 0.0 <= heat.min() and heat.max() <= 1.0 and np.isclose(heat.max(), 1.0, atol=0.05)
+
+
+def test_attention_maps_empty_without_blocks():
+    assert attention_maps(build_model("unet"), torch.randn(1, 1, 64, 64)) == {}
+
+
+def real_slice(size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LIDC slice with the largest nodule mask in the first npz file, resized to size x size."""
+    files = sorted((DATA / "lidc-idri" / "slices").glob("*.npz"))
+    assert files, f"no LIDC npz slices under {DATA / 'lidc-idri' / 'slices'}"
+    with np.load(files[0]) as archive:
+        images, masks = archive["images"], archive["masks"]
+    index = int(masks.reshape(len(masks), -1).sum(axis=1).argmax())
+    image = torch.from_numpy(images[index].astype(np.float32))[None, None]
+    mask = torch.from_numpy(masks[index].astype(np.float32))[None, None]
+    image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+    mask = (F.interpolate(mask, size=(size, size), mode="area") > 0.25).float()
+    assert mask.sum() > 0, f"the nodule of {files[0].name} vanished at {size}x{size}"
+    return image, mask
+
+
+@pytest.mark.slow
+def test_overfit_one_real_slice_loss_falls():
+    torch.manual_seed(0)
+    image, mask = real_slice(size=64)
+    model = build_model("unet_sl_nlb", grid=4)  # both blocks (levels 2 and 3) on a 64x64 input
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        optimiser.zero_grad()
+        output = model(image)
+        loss = F.binary_cross_entropy_with_logits(output["seg"], mask) + F.binary_cross_entropy_with_logits(
+            output["cls"], torch.ones(1, 1)
+        )
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:2]), f"loss did not fall: {losses}"
+    probability = torch.sigmoid(output["seg"].detach())
+    inside, outside = probability[mask > 0].mean(), probability[mask == 0].mean()
+    assert inside > outside, f"nodule not separated from background: {inside:.3f} inside vs {outside:.3f} outside"
