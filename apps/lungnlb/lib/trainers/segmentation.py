@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import random
 import socket
@@ -49,7 +48,6 @@ from lib.trainers.slices import TrainSlice, datastore_slices
 from lungnlb.checkpoint import build_from_config, load_model, save_checkpoint
 from lungnlb.training.loss import MultiTaskLoss
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_NETWORK = {"model": {"name": "unet_sl_nlb", "kwargs": {}, "in_channels": 1}, "input_size": [256, 256],
                    "intensity": {"window": None}, "threshold": 0.5}
