@@ -42,7 +42,7 @@ PAPER_BASELINE_F1 = 0.784  # "S-L NLB F1 0.863 vs 0.784" (the best plain / self-
 BUDGETS = {
     "smoke": {"input_size": 128, "steps": 2, "batch_size": 2, "seeds": [0], "rows": ["unet", "unet_sl_nlb"],
               "max_cases": 1, "chebyshev": False},
-    "cpu": {"input_size": 128, "steps": 100, "batch_size": 4, "seeds": [0, 1, 2], "rows": ROWS,
+    "cpu": {"input_size": 128, "steps": 60, "batch_size": 4, "seeds": [0, 1, 2], "rows": ROWS,
             "max_cases": None, "chebyshev": True},
     "gpu": {"input_size": 512, "steps": 3000, "batch_size": 16, "seeds": [0, 1, 2], "rows": ROWS,
             "max_cases": None, "chebyshev": True},

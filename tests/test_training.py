@@ -137,3 +137,32 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     initial = build_model("unet_sl_nlb", **TINY_KWARGS).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], initial[k]) for k in first if first[k].is_floating_point())
+
+
+@pytest.mark.slow
+def test_paper_tables_smoke_budget(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from train_helpers import DATA
+
+    src = tmp_path / "src"
+    (src / "lidc").mkdir(parents=True)
+    for npz in sorted((DATA / "lidc-idri" / "slices").glob("*.npz"))[:3]:
+        (src / "lidc" / npz.name).symlink_to(npz)
+    for class_name in ("normal", "malignant"):
+        (src / "iq" / class_name).mkdir(parents=True)
+        for jpeg in sorted((DATA / "iq-othnccd" / class_name).glob("*.jpg"))[:60:20]:  # three case blocks
+            (src / "iq" / class_name / jpeg.name).symlink_to(jpeg)
+    spec = importlib.util.spec_from_file_location(
+        "paper_tables", Path(__file__).resolve().parents[1] / "benchmarks" / "paper_tables.py")
+    paper_tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_tables)
+    markdown = tmp_path / "results.md"
+    assert paper_tables.main(["--budget", "smoke", "--data", str(src), "--cache", str(tmp_path / "studies"),
+                              "--out", str(tmp_path / "out"), "--markdown", str(markdown)]) == 0
+    runs = json.loads((tmp_path / "out" / "runs.json").read_text())
+    assert {run["row"] for run in runs} == {"unet", "unet_sl_nlb"}
+    assert all(0 <= run["dice"] <= 1 and 0 <= run["f1"] <= 1 for run in runs)
+    text = markdown.read_text()
+    assert "Table I" in text and "Table II" in text and "S-L >= S-B" in text
