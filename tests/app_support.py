@@ -15,7 +15,7 @@ from lungnlb.networks import build_model
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "apps" / "lungnlb"
 SHARED_DATA = REPO.parent / "shared" / "data"
-TINY_MODEL = {"name": "unet_localized_nlb", "kwargs": {"features": [8, 8, 16, 16, 32, 8], "grid": 4}, "in_channels": 1}
+TINY_MODEL = {"name": "unet_sl_nlb", "kwargs": {"features": [8, 8, 16, 16, 32, 8], "grid": 4}, "in_channels": 1}
 TINY_INPUT = [128, 128]
 
 
