@@ -13,8 +13,9 @@ from lungnlb.labels import WatershedParams, box_to_mask, points_to_mask
 from lungnlb.labels.quality import bounding_box, dice, filled_box, inscribed_ellipse, iou, jitter_box, mask_components
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-# benchmark (benchmarks/watershed_quality.py): 0.848 mean Dice on the npz slices with 3-px padded boxes
-MIN_MEAN_DICE = 0.80
+# benchmark (benchmarks/watershed_quality.py): 0.858 mean Dice on the npz slices with 3-px padded boxes
+# (baselines there: ellipse 0.619, box 0.527); the margin leaves room for library-version noise
+MIN_MEAN_DICE = 0.83
 
 
 def blob_image(shape=(64, 64), centre=(30, 34), radius=8, low=-850.0, high=40.0, noise=10.0, seed=0) -> np.ndarray:
@@ -61,6 +62,18 @@ def test_box_at_image_border_and_single_pixel_box():
     assert box_to_mask(image, (0, 0, 7, 7)).any()
     single = box_to_mask(image, (3, 3, 3, 3))
     assert single.sum() == 1 and single[3, 3]
+
+
+def test_box_covering_whole_image_has_no_background_marker_but_works():
+    image, disk = blob_image(shape=(32, 32), centre=(16, 16), radius=6)
+    mask = box_to_mask(image, (0, 0, 31, 31))
+    assert mask.shape == image.shape and mask[16, 16]
+
+
+def test_object_darker_than_surroundings_uses_percentile_fallback():
+    image, disk = blob_image()
+    mask = box_to_mask(-image, bounding_box(disk, pad=3))  # dark disk on bright surroundings
+    assert mask.any() and mask[30, 34]
 
 
 def test_flat_image_falls_back_to_core_with_warning():
@@ -141,4 +154,4 @@ def test_watershed_beats_baselines_on_lidc_radiologist_masks():
 
 def test_params_are_recorded():
     params = WatershedParams().as_dict()
-    assert {"sigma", "core_fraction", "contrast_weight", "dark_fraction"} <= set(params)
+    assert {"sigma", "core_fraction", "contrast_weight", "dark_fraction", "contrast_ceiling"} <= set(params)

@@ -2,17 +2,22 @@
 
 Steps (all on a crop around the box, so the cost does not grow with the slice size):
 
-1. normalise the crop robustly: ``u = clip((I - p_lo) / (p_hi - p_lo), 0, 1)`` with percentiles of the
-   crop, so HU, 8-bit windowed and pre-normalised slices give the same result;
-2. smooth: ``s = G_sigma * u``;
-3. markers (see :mod:`lungnlb.labels.markers`): a core ellipse around the box centre is foreground,
-   every pixel outside the box is background, and so is every pixel inside the box darker than
-   ``b + dark_fraction * (c - b)`` (b = median of the background, c = 75th percentile of the core):
-   clear lung air needs no flooding;
-4. elevation ``E = |grad s| / max|grad s| + contrast_weight * |s - median(s[core])|``: boundaries are
+1. markers (see :mod:`lungnlb.labels.markers`): a core ellipse around the box centre is foreground,
+   every pixel outside the box is background;
+2. normalise the crop to the local contrast between background and object:
+   ``u = clip((I - r) / (o - r), 0, ceiling) / ceiling`` with r = 25th percentile of the background
+   marker (lung), o = 75th percentile of the core (nodule); brighter structures (chest wall, bone)
+   saturate at the ceiling, so their edges do not dwarf the nodule's. HU, 8-bit windowed and
+   pre-normalised slices give the same result (falls back to crop percentiles if o <= r);
+3. smooth: ``s = G_sigma * u``;
+4. dark level ``t = b + dark_fraction * (c - b)`` (b = median of s over the background marker,
+   c = 75th percentile over the core): unmarked pixels below t become background (clear lung air
+   needs no flooding), and the core shrinks to its largest connected part at or above t (a core
+   larger than a small or eccentric nodule would otherwise force lung into the mask);
+5. elevation ``E = |grad s| / max|grad s| + contrast_weight * |s - median(s[core])|``: boundaries are
    ridges of E, and pixels unlike the nodule (air, brighter pleura or bone) sit high;
-5. :func:`skimage.segmentation.watershed` floods E from the markers;
-6. open the foreground with a disk of ``opening_fraction`` of the box's shorter half-side (cuts thin
+6. :func:`skimage.segmentation.watershed` floods E from the markers;
+7. open the foreground with a disk of ``opening_fraction`` of the box's shorter half-side (cuts thin
    leaks along vessels), clip to the box, keep the component that holds the centre, fill holes.
 """
 
@@ -37,13 +42,18 @@ class WatershedParams:
 
     margin_fraction: the crop extends this fraction of the box's longer side beyond each edge.
     min_margin: ... but at least this many pixels.
-    percentiles: (low, high) percentiles of the crop mapped to 0 and 1.
+    background_percentile: percentile of the background marker taken as the background level r.
+    object_percentile: percentile of the foreground marker taken as the object level o.
+    contrast_ceiling: intensities above ``r + contrast_ceiling * (o - r)`` saturate.
+    percentiles: (low, high) percentiles of the crop mapped to 0 and 1 when the object is not
+        brighter than the background (o <= r), where the local contrast is undefined.
     sigma: Gaussian smoothing (pixels) before the gradient.
     contrast_weight: weight of the intensity distance to the core in the elevation image.
     core_fraction: semi-axes of the foreground core ellipse as a fraction of the box's half-sides.
     ring: background marker starts this many pixels outside the box.
     dark_fraction: pixels inside the box darker than ``b + dark_fraction * (c - b)`` (b = median of the
-        background ring, c = level of the core) are background markers too; 0 disables.
+        background marker, c = 75th percentile of the core) are background markers too, and the core
+        keeps only its largest connected part at or above that level; 0 disables both.
     opening_fraction: open the result with a disk of this fraction of the box's shorter half-side
         (cuts thin leaks along vessels and pleura); 0 disables.
     clip_to_box: drop foreground outside the box.
@@ -51,9 +61,12 @@ class WatershedParams:
 
     margin_fraction: float = 0.5
     min_margin: int = 4
+    background_percentile: float = 25.0
+    object_percentile: float = 75.0
+    contrast_ceiling: float = 1.5
     percentiles: tuple[float, float] = (1.0, 99.0)
     sigma: float = 0.5
-    contrast_weight: float = 0.5
+    contrast_weight: float = 1.0
     core_fraction: float = 0.5
     ring: int = 1
     dark_fraction: float = 0.3
@@ -83,17 +96,17 @@ def box_to_mask(image: np.ndarray, box: Sequence[int], params: WatershedParams |
     crop, (row0, col0) = _crop_around(array.shape, (x_min, y_min, x_max, y_max), params)
     local_box = (x_min - col0, y_min - row0, x_max - col0, y_max - row0)
     markers = box_markers(crop_shape(crop), local_box, params.core_fraction, params.ring)
-    region = _segment(array[crop], markers, params, (y_max - y_min + 1, x_max - x_min + 1))
+    region, core = _segment(array[crop], markers, params, (y_max - y_min + 1, x_max - x_min + 1), shrink_core=True)
     if params.clip_to_box:
         region[: local_box[1]] = False
         region[local_box[3] + 1 :] = False
         region[:, : local_box[0]] = False
         region[:, local_box[2] + 1 :] = False
     centre = ((local_box[1] + local_box[3]) // 2, (local_box[0] + local_box[2]) // 2)
-    region = _component_at(region, markers == FOREGROUND, centre)
+    region = _component_at(region, core, centre)
     if not region.any():
         warnings.warn(f"watershed found no object in box {tuple(box)}; returning the core marker", stacklevel=2)
-        region = markers == FOREGROUND
+        region = core
     mask = np.zeros(array.shape, dtype=bool)
     mask[crop] = region
     return mask
@@ -129,7 +142,7 @@ def points_to_mask(
     hull = (min(xs), min(ys), max(xs), max(ys))
     crop, (row0, col0) = _crop_around(array.shape, hull, params)
     markers = point_markers(crop_shape(crop), [(x - col0, y - row0) for x, y in fg], [(x - col0, y - row0) for x, y in bg])
-    region = _segment(array[crop], markers, params, (hull[3] - hull[1] + 1, hull[2] - hull[0] + 1))
+    region, _ = _segment(array[crop], markers, params, (hull[3] - hull[1] + 1, hull[2] - hull[0] + 1), shrink_core=False)
     seeds = markers == FOREGROUND
     labels, _ = ndi.label(region)
     keep = np.unique(labels[seeds & region])
@@ -157,9 +170,20 @@ def _crop_around(shape: tuple[int, int], box: Box, params: WatershedParams) -> t
     return (slice(row0, row1), slice(col0, col1)), (row0, col0)
 
 
-def _normalise(crop: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray | None:
-    """Map the crop's low/high percentiles to 0/1 (clipped); None if the crop is flat."""
-    low, high = np.percentile(crop, percentiles)
+def _normalise(crop: np.ndarray, markers: np.ndarray, params: WatershedParams) -> np.ndarray | None:
+    """Map the crop to [0, 1] by the local contrast between background and object markers.
+
+    ``u = clip((I - r) / (o - r), 0, ceiling) / ceiling`` with r, o the background and object levels
+    (percentiles of the raw crop under the markers). Falls back to mapping the crop's `percentiles` to
+    0 and 1 when o <= r; None if the crop is flat.
+    """
+    outside = crop[markers == BACKGROUND]
+    background = np.percentile(outside, params.background_percentile) if outside.size else np.inf
+    level = np.percentile(crop[markers == FOREGROUND], params.object_percentile)
+    if level > background:
+        ceiling = params.contrast_ceiling
+        return np.clip((crop - background) / (level - background), 0.0, ceiling) / ceiling
+    low, high = np.percentile(crop, params.percentiles)
     if high <= low:
         low, high = crop.min(), crop.max()
     if high <= low:
@@ -182,32 +206,53 @@ def elevation(smooth: np.ndarray, core: np.ndarray, contrast_weight: float) -> n
     return gradient + contrast_weight * np.abs(smooth - np.median(smooth[core]))
 
 
-def _segment(crop: np.ndarray, markers: np.ndarray, params: WatershedParams, box_shape: tuple[int, int]) -> np.ndarray:
-    """Watershed of the crop's elevation from `markers`; returns the (h, w) bool foreground region."""
-    unit = _normalise(crop, params.percentiles)
-    if unit is None:
-        return np.zeros(crop.shape, dtype=bool)
-    smooth = ndi.gaussian_filter(unit, params.sigma) if params.sigma > 0 else unit
+def _segment(
+    crop: np.ndarray, markers: np.ndarray, params: WatershedParams, box_shape: tuple[int, int], shrink_core: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Watershed of the crop's elevation from `markers`.
+
+    Returns the (h, w) bool foreground region and the (h, w) bool foreground marker actually used
+    (the core after `_apply_dark_level` when `shrink_core`, else the given one).
+    """
     core = markers == FOREGROUND
+    unit = _normalise(crop, markers, params)
+    if unit is None:
+        return np.zeros(crop.shape, dtype=bool), core
+    smooth = ndi.gaussian_filter(unit, params.sigma) if params.sigma > 0 else unit
     if params.dark_fraction > 0:
-        markers = _mark_dark(smooth, markers, params.dark_fraction)
+        markers = _apply_dark_level(smooth, markers, params.dark_fraction, shrink_core)
+        core = markers == FOREGROUND
     surface = elevation(smooth, core, params.contrast_weight)
     region = watershed(surface, markers) == FOREGROUND
     radius = int(round(params.opening_fraction * min(box_shape) / 2))
     if radius > 0:
         region = ndi.binary_opening(region, structure=disk(radius)) | core
-    return region
+    return region, core
 
 
-def _mark_dark(smooth: np.ndarray, markers: np.ndarray, dark_fraction: float) -> np.ndarray:
-    """Add unmarked pixels darker than ``b + dark_fraction * (c - b)`` to the background marker."""
-    core_level = np.percentile(smooth[markers == FOREGROUND], 75)
+def _apply_dark_level(smooth: np.ndarray, markers: np.ndarray, dark_fraction: float, shrink_core: bool) -> np.ndarray:
+    """Markers with the dark level ``t = b + dark_fraction * (c - b)`` applied.
+
+    b = median of `smooth` over the background marker, c = its 75th percentile over the foreground
+    marker. Unmarked pixels below t become background; with `shrink_core`, the foreground keeps only
+    its largest connected part at or above t (its other pixels become unmarked, to be flooded).
+    Unchanged when c <= b or there is no background marker.
+    """
+    core = markers == FOREGROUND
+    if not (markers == BACKGROUND).any():
+        return markers
+    core_level = np.percentile(smooth[core], 75)
     background_level = np.median(smooth[markers == BACKGROUND])
     if core_level <= background_level:
         return markers
-    dark = smooth < background_level + dark_fraction * (core_level - background_level)
+    threshold = background_level + dark_fraction * (core_level - background_level)
     marked = markers.copy()
-    marked[dark & (markers == 0)] = BACKGROUND
+    marked[(smooth < threshold) & (markers == 0)] = BACKGROUND
+    if shrink_core:
+        labels, _ = ndi.label(core & (smooth >= threshold))
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        marked[core & (labels != sizes.argmax())] = 0
     return marked
 
 
