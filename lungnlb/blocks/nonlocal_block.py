@@ -12,8 +12,9 @@ f, g, h: C -> C' (queries, keys, values), v: C' -> C and W: C -> C applied per p
     O_i   = v(theta_i * sum_j a_ij v_j)                    (symmetry; theta = symmetry_gate(x))
     Y     = W(O) + X
 
-W is a bias-free 1x1 convolution (v carries the bias) and starts at zero, so the block is the identity at initialisation; W receives gradient from the
-first step and the projections from the step after (once W is non-zero).
+W is a bias-free 1x1 convolution (v carries the bias) that starts at zero, so the block is the
+identity at initialisation; W receives gradient from the first step and the projections from the
+step after (once W is non-zero). Logits that overflow float32 saturate at +-max (never NaN).
 """
 
 from __future__ import annotations
