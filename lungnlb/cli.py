@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
-        sub = subparsers.add_parser(name, help=module.__doc__.strip().splitlines()[0])
+        summary = module.__doc__.strip().splitlines()[0]
+        sub = subparsers.add_parser(name, help=summary.replace("%", "%%"), description=module.__doc__)
         module.configure(sub)
         sub.set_defaults(handler=module.run)
     return parser

@@ -46,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
     from lungnlb.visualize import save_overlay
 
     image_path = args.image or default_sample_image()
+    image = read_image(image_path)
     checkpoint = args.checkpoint or default_checkpoint_path()
     if checkpoint is None:
         raise FileNotFoundError("no trained weights are shipped with this install; pass --checkpoint")
     model, config = load_model(checkpoint)
-    image = read_image(image_path)
     result = Predictor(model, config).predict(image.array, image.intensity)
 
     slices = image.array if image.array.ndim == 3 else image.array[None]
