@@ -1,7 +1,8 @@
 """CPU speed, size and memory of every registry model at 1x1x512x512, as ratios against `unet`.
 
-Measures, in one run: parameters; forward latency (median of --runs timed runs after warm-up,
-inference mode, all cores; models interleaved round by round so that load from other processes
+Measures, in one run: parameters; forward latency (median, and minimum, of --runs timed runs after
+warm-up, inference mode, all cores; targets use the median, the minimum shows the figure least
+disturbed by other processes on a shared machine; models interleaved round by round so that load from other processes
 hits all of them alike); peak resident memory of one forward pass (in a fresh subprocess per
 model: peak RSS during the forward minus RSS before it); and the achieved GFLOP/s of
 `unet_sl_nlb` (FLOPs counted by torch.utils.flop_counter.FlopCounterMode, divided by its median
@@ -115,9 +116,11 @@ def summarise(models, times, matmul_times, memory, subject_flops) -> dict:
         name: {
             "parameters": params[name],
             "latency_s": latency[name],
+            "latency_min_s": min(times[name]),
             "latency_runs_s": times[name],
             "peak_memory_mib": memory[name],
             "latency_ratio_vs_unet": latency[name] / latency[REFERENCE],
+            "latency_min_ratio_vs_unet": min(times[name]) / min(times[REFERENCE]),
             "parameter_ratio_vs_unet": params[name] / params[REFERENCE],
             "memory_ratio_vs_unet": memory[name] / memory[REFERENCE],
         }
@@ -147,12 +150,14 @@ def targets(rows: dict, fraction: float) -> dict[str, bool]:
 
 def print_table(report: dict) -> None:
     print(f"input 1x1x{SIZE}x{SIZE}, CPU, {report['threads']} threads, median of {len(report['matmul']['runs_s'])} runs")
-    header = f"{'model':<20}{'params':>12}{'x unet':>8}{'latency ms':>12}{'x unet':>8}{'peak MiB':>10}{'x unet':>8}"
+    header = (f"{'model':<20}{'params':>12}{'x unet':>8}{'median ms':>11}{'x unet':>8}{'min ms':>9}{'x unet':>8}"
+              f"{'peak MiB':>10}{'x unet':>8}")
     print(header)
     print("-" * len(header))
     for name, row in report["models"].items():
-        print(f"{name:<20}{row['parameters']:>12,}{row['parameter_ratio_vs_unet']:>8.3f}{row['latency_s'] * 1e3:>12.1f}"
-              f"{row['latency_ratio_vs_unet']:>8.3f}{row['peak_memory_mib']:>10.1f}{row['memory_ratio_vs_unet']:>8.3f}")
+        print(f"{name:<20}{row['parameters']:>12,}{row['parameter_ratio_vs_unet']:>8.3f}{row['latency_s'] * 1e3:>11.1f}"
+              f"{row['latency_ratio_vs_unet']:>8.3f}{row['latency_min_s'] * 1e3:>9.1f}{row['latency_min_ratio_vs_unet']:>8.3f}"
+              f"{row['peak_memory_mib']:>10.1f}{row['memory_ratio_vs_unet']:>8.3f}")
     print(f"torch.matmul {MATMUL_N}x{MATMUL_N} float32: {report['matmul']['gflops']:.1f} GFLOP/s")
     if "subject" in report:
         subject = report["subject"]
