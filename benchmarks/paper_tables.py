@@ -165,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="prepared studies folder made from --data (reused)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "paper_tables")
     parser.add_argument("--rows", nargs="*", help="subset of rows (default: the budget's)")
+    parser.add_argument("--seeds", type=int, nargs="*", help="override the budget's seeds")
+    parser.add_argument("--steps", type=int, help="override the budget's training steps")
     parser.add_argument("--markdown", type=Path, help="also write the tables and claims to this file")
     args = parser.parse_args(argv)
 
-    budget = BUDGETS[args.budget]
+    budget = dict(BUDGETS[args.budget])
+    budget["seeds"] = args.seeds or budget["seeds"]
+    budget["steps"] = args.steps or budget["steps"]
     rows = [r for r in (args.rows or budget["rows"]) if r in list_models()]
     if budget["chebyshev"] and not args.rows:
         rows.append(CHEBYSHEV)

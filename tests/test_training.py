@@ -47,11 +47,14 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
         load_model(tmp_path / "missing.pt")
 
 
-def test_default_checkpoint_is_complete_when_present():
+def test_shipped_default_weights_load_and_predict():
     path = default_checkpoint_path()
-    if path is not None:
-        config = read_config(path)
-        assert config["model"]["name"] and config["training_data"]["sources"]
+    assert path is not None, "lungnlb/weights/default.pt (+ .json) must ship with the package"
+    config = read_config(path)
+    assert set(config["training_data"]["sources"]) >= {"lidc-idri", "iq-othnccd"}
+    predictor = Predictor.from_checkpoint()  # the shipped weights, loaded with weights_only=True
+    result = predictor.predict(np.full((2, 100, 90), -800.0, np.float32), "hu")
+    assert result.probability.shape == (2, 100, 90) and result.slice_probability.shape == (2,)
 
 
 def test_dataset_samples_follow_sidecars(tmp_path):
