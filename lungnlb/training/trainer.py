@@ -235,7 +235,7 @@ def checkpoint_config(config: TrainConfig, summary: dict[str, Any], metrics: dic
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run training; returns {"best": path, "last": path, "metrics": best validation metrics, "split": path}."""
+    """Run training; returns {"best", "last", "split": paths, "metrics": best validation metrics, "model": trained module}."""
     rank, world_size = distributed_context()
     device = pick_device(config, rank)
     seed_everything(config.seed)
@@ -307,11 +307,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         step += 1
         running = float(loss.detach()) if running is None else 0.95 * running + 0.05 * float(loss.detach())
         if rank == 0:
-            writer and _log(writer, "train", {"loss": float(loss.detach()), **parts, "lr": scheduler.get_last_lr()[0]}, step)
-            bar and (bar.update(1), bar.set_postfix(loss=f"{running:.3f}", **_short(best_metrics)))
+            if writer is not None:
+                _log(writer, "train", {"loss": float(loss.detach()), **parts, "lr": scheduler.get_last_lr()[0]}, step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.3f}", **_short(best_metrics))
             if step % config.val_every == 0 or step == config.steps:
                 metrics = validation_metrics(model, val_samples, device) if val_samples else {}
-                writer and _log(writer, "val", {k: v for k, v in metrics.items() if isinstance(v, float)}, step)
+                if writer is not None:
+                    _log(writer, "val", {k: v for k, v in metrics.items() if isinstance(v, float)}, step)
                 score = validation_score(metrics)
                 if score > best_score or not val_samples:
                     best_score, best_metrics = score, metrics
@@ -323,9 +327,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     "best_metrics": json.dumps(best_metrics)})
         if world_size > 1 and step % config.val_every == 0:
             dist.barrier()
-    if bar:
+    if bar is not None:
         bar.close()
-    if writer:
+    if writer is not None:
         writer.close()
     return {"best": out / "best.pt", "last": out / "last.pt", "metrics": best_metrics, "split": split_path,
             "model": model}
