@@ -1,15 +1,19 @@
 """CPU speed, size and memory of every registry model at 1x1x512x512, as ratios against `unet`.
 
-Measures, in one run: parameters; forward latency (median, and minimum, of --runs timed runs after
-warm-up, inference mode, all cores; targets use the median, the minimum shows the figure least
-disturbed by other processes on a shared machine; models interleaved round by round so that load from other processes
-hits all of them alike); peak resident memory of one forward pass (in a fresh subprocess per
-model: peak RSS during the forward minus RSS before it); and the achieved GFLOP/s of
-`unet_sl_nlb` (FLOPs counted by torch.utils.flop_counter.FlopCounterMode, divided by its median
-latency) against the GFLOP/s of a float32 torch.matmul timed in the same rounds.
+Measures, in one run: parameters; forward latency (median and minimum of --runs timed runs after
+warm-up, inference mode, torch.set_num_threads(all cores)); peak resident memory of one forward
+pass (in a fresh subprocess per model: peak RSS during the forward minus RSS before it); and the
+achieved GFLOP/s of `unet_sl_nlb` (FLOPs counted by torch.utils.flop_counter.FlopCounterMode,
+divided by its latency) against the GFLOP/s of a float32 2048^3 torch.matmul timed in the same rounds.
+
+Robustness on a shared machine: models are timed round-robin, one forward of each model (and one
+matmul) per round, the order rotated every round, so load from other processes hits all of them
+alike; ratios are taken within the run.
 
 Targets (ratios in this run): unet_sl_nlb latency <= 1.10x unet, parameters <= 1.10x unet,
-latency below unet_sa, GFLOP/s >= 50% of matmul.
+latency below unet_sa, GFLOP/s >= 50% of matmul. Each latency target is judged twice: on the
+medians (the issue's figure, and the verdict reported as PASS/FAIL) and on the minima (the figure
+least disturbed by other processes; printed beside it).
 
     python benchmarks/speed.py [--runs 10] [--models unet unet_sl_nlb ...] [--output speed.json]
 """
@@ -64,15 +68,17 @@ def measure_latencies(models: dict[str, torch.nn.Module], runs: int, warmup: int
     a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
     times: dict[str, list[float]] = {name: [] for name in models}
     matmul_times: list[float] = []
+    tasks = {**{name: (lambda model=model: model(x)) for name, model in models.items()}, None: lambda: torch.matmul(a, b)}
+    order = list(tasks)
     with torch.inference_mode():
         for _ in range(warmup):
-            for model in models.values():
-                model(x)
-            torch.matmul(a, b)
+            for task in tasks.values():
+                task()
         for round_index in range(runs):
-            for name, model in models.items():
-                times[name].append(timed(lambda: model(x)))
-            matmul_times.append(timed(lambda: torch.matmul(a, b)))
+            shift = round_index % len(order)
+            for name in order[shift:] + order[:shift]:  # rotated: no model always runs first or after matmul
+                elapsed = timed(tasks[name])
+                (matmul_times if name is None else times[name]).append(elapsed)
             print(f"round {round_index + 1}/{runs} done", file=sys.stderr, flush=True)
     return times, matmul_times
 
@@ -112,6 +118,7 @@ def summarise(models, times, matmul_times, memory, subject_flops) -> dict:
     latency = {name: statistics.median(values) for name, values in times.items()}
     params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     matmul_gflops = 2 * MATMUL_N**3 / statistics.median(matmul_times) / 1e9
+    matmul_gflops_best = 2 * MATMUL_N**3 / min(matmul_times) / 1e9
     rows = {
         name: {
             "parameters": params[name],
@@ -127,29 +134,38 @@ def summarise(models, times, matmul_times, memory, subject_flops) -> dict:
         for name in models
     }
     report = {"input": [1, 1, SIZE, SIZE], "threads": torch.get_num_threads(), "models": rows,
-              "matmul": {"n": MATMUL_N, "gflops": matmul_gflops, "runs_s": matmul_times}}
+              "matmul": {"n": MATMUL_N, "gflops": matmul_gflops, "gflops_best": matmul_gflops_best,
+                         "runs_s": matmul_times}}
     if SUBJECT in models:
         subject_gflops = subject_flops / latency[SUBJECT] / 1e9
+        subject_gflops_best = subject_flops / min(times[SUBJECT]) / 1e9
         report["subject"] = {"name": SUBJECT, "flops": subject_flops, "gflops": subject_gflops,
-                             "fraction_of_matmul": subject_gflops / matmul_gflops}
-        report["targets"] = targets(rows, report["subject"]["fraction_of_matmul"])
+                             "fraction_of_matmul": subject_gflops / matmul_gflops,
+                             "gflops_best": subject_gflops_best,
+                             "fraction_of_matmul_best": subject_gflops_best / matmul_gflops_best}
+        report["targets_judged_on"] = "median (PASS/FAIL); minimum shown beside it"
+        report["targets"] = targets(rows, report["subject"], "latency_s", "latency_ratio_vs_unet", "fraction_of_matmul")
+        report["targets_on_minimum"] = targets(
+            rows, report["subject"], "latency_min_s", "latency_min_ratio_vs_unet", "fraction_of_matmul_best"
+        )
     return report
 
 
-def targets(rows: dict, fraction: float) -> dict[str, bool]:
+def targets(rows: dict, subject_flops: dict, latency: str, ratio: str, fraction: str) -> dict[str, bool]:
+    """The issue's targets on one latency statistic (median or minimum)."""
     subject = rows[SUBJECT]
     checks = {
-        f"{SUBJECT} latency <= 1.10x {REFERENCE}": subject["latency_ratio_vs_unet"] <= 1.10,
+        f"{SUBJECT} latency <= 1.10x {REFERENCE}": subject[ratio] <= 1.10,
         f"{SUBJECT} parameters <= 1.10x {REFERENCE}": subject["parameter_ratio_vs_unet"] <= 1.10,
-        f"{SUBJECT} >= 50% of matmul GFLOP/s": fraction >= 0.5,
+        f"{SUBJECT} >= 50% of matmul GFLOP/s": subject_flops[fraction] >= 0.5,
     }
     if ATTENTION_BASELINE in rows:
-        checks[f"{SUBJECT} faster than {ATTENTION_BASELINE}"] = subject["latency_s"] < rows[ATTENTION_BASELINE]["latency_s"]
+        checks[f"{SUBJECT} faster than {ATTENTION_BASELINE}"] = subject[latency] < rows[ATTENTION_BASELINE][latency]
     return checks
 
 
 def print_table(report: dict) -> None:
-    print(f"input 1x1x{SIZE}x{SIZE}, CPU, {report['threads']} threads, median of {len(report['matmul']['runs_s'])} runs")
+    print(f"input 1x1x{SIZE}x{SIZE}, CPU, {report['threads']} threads, {len(report['matmul']['runs_s'])} interleaved rounds")
     header = (f"{'model':<20}{'params':>12}{'x unet':>8}{'median ms':>11}{'x unet':>8}{'min ms':>9}{'x unet':>8}"
               f"{'peak MiB':>10}{'x unet':>8}")
     print(header)
@@ -158,13 +174,18 @@ def print_table(report: dict) -> None:
         print(f"{name:<20}{row['parameters']:>12,}{row['parameter_ratio_vs_unet']:>8.3f}{row['latency_s'] * 1e3:>11.1f}"
               f"{row['latency_ratio_vs_unet']:>8.3f}{row['latency_min_s'] * 1e3:>9.1f}{row['latency_min_ratio_vs_unet']:>8.3f}"
               f"{row['peak_memory_mib']:>10.1f}{row['memory_ratio_vs_unet']:>8.3f}")
-    print(f"torch.matmul {MATMUL_N}x{MATMUL_N} float32: {report['matmul']['gflops']:.1f} GFLOP/s")
+    matmul = report["matmul"]
+    print(f"torch.matmul {MATMUL_N}x{MATMUL_N} float32: {matmul['gflops']:.1f} GFLOP/s median, "
+          f"{matmul['gflops_best']:.1f} best")
     if "subject" in report:
         subject = report["subject"]
-        print(f"{SUBJECT}: {subject['flops'] / 1e9:.2f} GFLOP per forward, {subject['gflops']:.1f} GFLOP/s "
-              f"= {100 * subject['fraction_of_matmul']:.0f}% of matmul")
+        print(f"{SUBJECT}: {subject['flops'] / 1e9:.2f} GFLOP per forward, {subject['gflops']:.1f} GFLOP/s median "
+              f"= {100 * subject['fraction_of_matmul']:.0f}% of matmul median; {subject['gflops_best']:.1f} best "
+              f"= {100 * subject['fraction_of_matmul_best']:.0f}% of matmul best")
+        print("targets (verdict on medians; [on minima] beside):")
         for check, passed in report["targets"].items():
-            print(f"  [{'PASS' if passed else 'FAIL'}] {check}")
+            on_minimum = report["targets_on_minimum"][check]
+            print(f"  [{'PASS' if passed else 'FAIL'}] [{'PASS' if on_minimum else 'FAIL'}] {check}")
 
 
 def write_json_atomic(report: dict, path: Path) -> None:

@@ -75,15 +75,33 @@ def naive_block(block: NonLocalBlock2d, x: torch.Tensor) -> tuple[torch.Tensor, 
 CASES = [(variant, "paper") for variant in VARIANTS] + [("localized", "chebyshev"), ("symmetry_localized", "chebyshev")]
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("variant,distance", CASES)
 @pytest.mark.parametrize("height,width,grid", [(12, 12, 3), (15, 9, 3)])  # second: odd cell height 5
-def test_block_matches_naive_reference(variant, distance, height, width, grid):
+def test_block_matches_naive_reference(variant, distance, height, width, grid, memory_format):
     block = randomise(NonLocalBlock2d(6, grid=grid, variant=variant, inner_channels=4, distance=distance))
     x = torch.randn(1, 6, height, width, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=memory_format)
     y, attention = block(x, return_attention=True)
     expected_y, expected_attention = naive_block(block, x)
     torch.testing.assert_close(attention.double(), expected_attention, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y.double(), expected_y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_channels_last_gives_the_same_gradients_as_nchw(variant):
+    block = randomise(NonLocalBlock2d(8, grid=4, variant=variant))
+    x = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        block.zero_grad()
+        x_in = x.clone().contiguous(memory_format=memory_format).requires_grad_(True)
+        y = block(x_in)
+        assert y.is_contiguous(memory_format=memory_format)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append([x_in.grad.clone()] + [p.grad.clone() for p in block.parameters()])
+    for nchw, nhwc in zip(*grads):
+        torch.testing.assert_close(nhwc, nchw, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -166,6 +184,14 @@ def test_symmetry_gate_equal_negated_and_zero_halves(with_middle_row):
     x = torch.cat([torch.cat([equal, negated], dim=3), torch.cat([zero, equal], dim=3)], dim=2)  # 2x2 grid of cells
     theta = symmetry_gate(x, grid=2)
     torch.testing.assert_close(theta, torch.tensor([[1.0, -1.0, 0.0, 1.0]]))
+
+
+def test_symmetry_gate_same_in_channels_last():
+    x = torch.randn(2, 5, 12, 12, generator=torch.Generator().manual_seed(3))
+    gate = symmetry_gate(x, 3)
+    torch.testing.assert_close(symmetry_gate(x.contiguous(memory_format=torch.channels_last), 3), gate)
+    x_cell = x[1, :, 4:8, 8:12]  # cell (row 1, col 2) of sample 1, cell height 4
+    assert math.isclose(float(gate[1, 5]), naive_cosine(x_cell[:, :2], x_cell[:, 2:]), rel_tol=1e-5)
 
 
 def test_symmetry_gate_zero_half_gives_zero_not_nan():

@@ -74,6 +74,48 @@ def test_nlb_unet_is_the_unet_backbone_plus_blocks(name):
     assert len(blocks) == 2 and {block.grid for block in blocks} == {8}
 
 
+def test_unet_computes_monai_basicunet_and_keeps_its_state_dict_keys():
+    # the inference path (group-norm kernel for instance norm, no zero padding in the decoder) and the
+    # training path (instance norm, no padding) against stock MONAI BasicUNet (nn.InstanceNorm2d, NCHW) with the same weights
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(0)
+    stock = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=(32, 32, 64, 128, 256, 32))
+    model = build_model("unet")
+    assert set(model.unet.state_dict()) == set(stock.state_dict())
+    with torch.no_grad():  # non-trivial norm affine parameters
+        for name, parameter in stock.named_parameters():
+            if ".N." in name:
+                parameter.copy_(torch.rand(parameter.shape) + 0.5 if name.endswith("weight") else torch.randn(parameter.shape))
+    model.unet.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x)["seg"], stock.eval()(x), rtol=1e-5, atol=1e-5)
+    model.train()(x)["seg"].square().mean().backward()
+    stock.train()(x).square().mean().backward()
+    grads = dict(stock.named_parameters())
+    for name, parameter in model.unet.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fast_instance_norm_matches_float64_instance_norm(memory_format):
+    from lungnlb.networks.instance_norm import FastInstanceNorm2d
+
+    generator = torch.Generator().manual_seed(0)
+    norm = FastInstanceNorm2d(8, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(8, generator=generator) + 0.5)
+        norm.bias.copy_(torch.randn(8, generator=generator))
+    # channel means of up to 200 standard deviations: a one-pass float32 variance fails here
+    x = torch.randn(2, 8, 48, 48, generator=generator) + 200 * torch.rand(1, 8, 1, 1, generator=generator)
+    expected = F.instance_norm(x.double(), weight=norm.weight.double(), bias=norm.bias.double(), eps=norm.eps)
+    with torch.no_grad():
+        y = norm(x.contiguous(memory_format=memory_format))
+    torch.testing.assert_close(y.double(), expected, rtol=0, atol=1e-4)
+    assert set(norm.state_dict()) == {"weight", "bias"}
+
+
 def test_nlb_unet_equals_unet_at_initialisation():
     # the blocks start as the identity, so with the same backbone weights the outputs agree
     unet, nlb = build_model("unet").eval(), build_model("unet_sl_nlb").eval()

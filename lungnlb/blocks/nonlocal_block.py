@@ -15,6 +15,12 @@ f, g, h: C -> C' (queries, keys, values), v: C' -> C and W: C -> C applied per p
 W is a bias-free 1x1 convolution (v carries the bias) that starts at zero, so the block is the
 identity at initialisation; W receives gradient from the first step and the projections from the
 step after (once W is non-zero). Logits that overflow float32 saturate at +-max (never NaN).
+
+Memory format: the block keeps its input's layout. For NCHW input a token is flattened over
+(C', ph, pw) (`grid_to_tokens`); for channels_last input over (ph, pw, C'), the order in which the
+cell lies in memory, so tokenising is one contiguous gather and the 1x1 convolutions run on
+views. The logits q_i . k_j and the sums sum_j a_ij v_j do not depend on the order in which a
+token's entries are listed, so both layouts compute the same block (up to float rounding).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 from torch import nn
 
 from .locality import DISTANCES, locality_weights
-from .pointwise import PointwiseConv2d
+from .pointwise import PointwiseConv2d, is_channels_last
 from .symmetry import symmetry_gate
 from .tokenize import check_grid_divides, grid_to_tokens, tokens_to_grid
 
@@ -82,18 +88,42 @@ class NonLocalBlock2d(nn.Module):
         """(B, C, H, W) -> (B, C, H, W); with return_attention also the (B, n*n, n*n) attention."""
         batch, channels, height, width = x.shape
         check_grid_divides(height, width, self.grid)
-        attended, attention = self._attend(x)
+        fused = self.qkv(x)
+        channels_last = is_channels_last(fused)
+        queries, keys, values = self._tokens_channels_last(fused) if channels_last else self._tokens(fused)
+        attended, attention = self._attend(queries, keys, values)
         if self.symmetric:
             attended = attended * symmetry_gate(x, self.grid).unsqueeze(-1)
-        mixed = tokens_to_grid(attended, self.grid, self.inner_channels, height, width)
+        if channels_last:
+            mixed = self._grid_channels_last(attended, height, width)
+        else:
+            mixed = tokens_to_grid(attended, self.grid, self.inner_channels, height, width)
         y = self.residual(self.out(mixed.to(x.dtype)), add=x)
         return (y, attention) if return_attention else y
 
-    def _attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens sum_j a_ij v_j (B, n*n, d_k) and the attention a (B, n*n, n*n), both float32."""
+    def _tokens(self, fused: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """NCHW (B, 3C', H, W) -> q, k, v tokens (B, n*n, C'*ph*pw), flattened over (C', ph, pw)."""
         # a token of the fused map is (3C', ph, pw) flattened, so q, k, v are consecutive thirds of it
-        queries, keys, values = grid_to_tokens(self.qkv(x), self.grid).chunk(3, dim=-1)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        return grid_to_tokens(fused, self.grid).chunk(3, dim=-1)
+
+    def _tokens_channels_last(self, fused: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """NHWC (B, 3C', H, W) -> q, k, v tokens (B, n*n, ph*pw*C'), flattened over (ph, pw, C')."""
+        batch, _, height, width = fused.shape
+        n, inner = self.grid, self.inner_channels
+        cells = fused.permute(0, 2, 3, 1).reshape(batch, n, height // n, n, width // n, 3, inner)
+        return cells.permute(5, 0, 1, 3, 2, 4, 6).reshape(3, batch, n * n, -1).unbind(0)
+
+    def _grid_channels_last(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, n*n, ph*pw*C') -> NHWC (B, C', H, W); the inverse of `_tokens_channels_last` for one map."""
+        batch, n, inner = tokens.shape[0], self.grid, self.inner_channels
+        cells = tokens.reshape(batch, n, n, height // n, width // n, inner).permute(0, 1, 3, 2, 4, 5)
+        return cells.reshape(batch, height, width, inner).permute(0, 3, 1, 2)
+
+    def _attend(
+        self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens sum_j a_ij v_j (B, n*n, d_k) and the attention a (B, n*n, n*n), both float32."""
+        with torch.autocast(device_type=queries.device.type, enabled=False):
             logits = torch.bmm(queries.float(), keys.float().transpose(1, 2))
             logits = logits * (1.0 / math.sqrt(queries.shape[-1]))
             if self.localized:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .pointwise import is_channels_last
 from .tokenize import check_grid_divides
 
 
@@ -35,13 +36,22 @@ def symmetry_gate(x: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def cell_halves(x: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B*n*n, 2, C * (ph//2) * pw) float32: each cell's top and bottom half rows."""
+    """(B, C, H, W) -> (B*n*n, 2, C * (ph//2) * pw) float32: each cell's top and bottom half rows.
+
+    A half is flattened over (C, rows, pw) for NCHW input and over (rows, pw, C) for channels_last
+    input (the order in memory); the cosine does not depend on the order, only on both halves
+    using the same one.
+    """
     batch, channels, height, width = x.shape
     check_grid_divides(height, width, grid)
     ph, pw = height // grid, width // grid
     if ph < 2:
         raise ValueError(f"cells of height {ph} have no top and bottom half: need H / grid >= 2, got H={height}, grid={grid}")
     half = ph // 2
-    cells = x.float().reshape(batch, channels, grid, ph, grid, pw).permute(0, 2, 4, 1, 3, 5)  # (B, n, n, C, ph, pw)
-    top, bottom = cells[:, :, :, :, :half], cells[:, :, :, :, ph - half :]
+    cells = x.float().reshape(batch, channels, grid, ph, grid, pw)
+    if is_channels_last(x):
+        cells = cells.permute(0, 2, 4, 3, 5, 1)  # (B, n, n, ph, pw, C)
+    else:
+        cells = cells.permute(0, 2, 4, 1, 3, 5).transpose(3, 4)  # (B, n, n, ph, C, pw)
+    top, bottom = cells[:, :, :, :half], cells[:, :, :, ph - half :]
     return torch.stack([top, bottom], dim=3).reshape(batch * grid * grid, 2, channels * half * pw)

@@ -9,6 +9,12 @@ The segmentation path is exactly MONAI's BasicUNet; the additions are
 - a classification head: global average pooling of the bottleneck features + linear -> 1 logit
   ("neoplasm present").
 
+Speed, without changing parameters or state_dict keys: instance norm runs on the group-norm kernel
+(`FastInstanceNorm2d`), and the decoder skips MONAI UpCat's replicate padding, a copy that pads by
+zero pixels for the sizes accepted here. The network stays NCHW: channels_last speeds up oneDNN's
+convolutions but torch's channels_last normalisation kernels are either slower or inaccurate
+(see `instance_norm.py`), and the two effects cancel (docs/method.md, speed section).
+
 `forward(x)` returns {"seg": (B, 1, H, W) logits, "cls": (B, 1) logits}; with
 `return_attention=True` also {"attention": {block name: (B, n*n, n*n)}}.
 """
@@ -23,6 +29,7 @@ from monai.networks.nets import BasicUNet
 from torch import nn
 
 from ..blocks import NonLocalBlock2d
+from .instance_norm import use_fast_instance_norm
 
 FEATURES = (32, 32, 64, 128, 256, 32)
 DEPTH = 4  # BasicUNet halves the size four times
@@ -76,7 +83,9 @@ class SegClsUNet(nn.Module):
         if any(level not in range(1, DEPTH + 1) for level in levels):
             raise ValueError(f"nlb_levels must be within 1..{DEPTH}, got {tuple(nlb_levels)}")
         self.name = name
-        self.unet = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=1, features=features)
+        self.unet = use_fast_instance_norm(
+            BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=1, features=features)
+        )
         self.nlb = nn.ModuleDict(
             {
                 f"level{level}": NonLocalBlock2d(features[level], grid, nlb_variant, inner_channels, distance)
@@ -99,10 +108,9 @@ class SegClsUNet(nn.Module):
                 features, attention[f"level{level}"] = block(features, return_attention=True)
             skips.append(features)
         deepest = self.bottleneck(skips[DEPTH])
-        up = unet.upcat_4(deepest, skips[3])
-        up = unet.upcat_3(up, skips[2])
-        up = unet.upcat_2(up, skips[1])
-        up = unet.upcat_1(up, skips[0])
+        up = deepest
+        for upcat, skip in zip((unet.upcat_4, unet.upcat_3, unet.upcat_2, unet.upcat_1), reversed(skips[:DEPTH])):
+            up = upcat.convs(torch.cat([skip, upcat.upsample(up)], dim=1))  # MONAI UpCat, no padding needed
         output = {"seg": unet.final_conv(up), "cls": self.classifier(deepest.mean(dim=(2, 3)))}
         if return_attention:
             output["attention"] = attention

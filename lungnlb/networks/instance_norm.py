@@ -1,0 +1,48 @@
+"""Instance normalisation computed by torch's group-norm kernel (one group per channel).
+
+For x of shape (B, C, H, W), per sample b and channel c over the H x W pixels:
+
+    y[b, c] = (x[b, c] - mean) / sqrt(var + eps) * weight[c] + bias[c]      (biased variance)
+
+which is exactly group normalisation with C groups. `torch.instance_norm` reshapes to
+(1, B*C, H, W) and runs batch norm: on CPU that is ~1.7-2.5x slower than the group-norm kernel
+(32 x 512 x 512: 20 ms against 12 ms on two quiet threads, 45 against 18 under load).
+`FastInstanceNorm2d` has the same parameters and state_dict keys as `nn.InstanceNorm2d`, so
+checkpoints load either way; outputs agree to float32 rounding (max error ~1e-6 against a
+float64 reference, the same as `torch.instance_norm`). The input is made NCHW-contiguous first:
+torch's channels_last group-norm kernel accumulates a one-pass variance in float32, which is off
+by 1e-3 for a channel mean of 3 standard deviations and by 2 for one of 200 (torch 2.14).
+
+Inference only: with autograd recording, the forward is `torch.instance_norm` itself, because
+the group-norm backward loses precision in the same way for channels with a large mean
+(weight gradients off by ~1e-3 relative in a BasicUNet, against ~1e-6 for instance norm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FastInstanceNorm2d(nn.InstanceNorm2d):
+    """`nn.InstanceNorm2d` without running statistics, evaluated with `F.group_norm` when no
+    gradient is recorded (inference), with `torch.instance_norm` otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return super().forward(x)
+        if x.dim() != 4:
+            raise ValueError(f"FastInstanceNorm2d expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+        return F.group_norm(x.contiguous(), self.num_features, self.weight, self.bias, self.eps)
+
+
+def use_fast_instance_norm(module: nn.Module) -> nn.Module:
+    """Replace every `nn.InstanceNorm2d` without running statistics in `module` (in place) by
+    a `FastInstanceNorm2d` holding the same parameter tensors; returns `module`."""
+    for name, child in list(module.named_modules()):
+        if type(child) is nn.InstanceNorm2d and not child.track_running_stats:
+            fast = FastInstanceNorm2d(child.num_features, child.eps, child.momentum, child.affine)
+            fast.weight, fast.bias = child.weight, child.bias
+            module.set_submodule(name, fast)
+    return module
