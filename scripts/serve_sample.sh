@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job: set up, then serve the NLB U-Net as a MONAI Label app on the bundled sample studies.
+# The server writes into its studies folder (datastore, final labels), so it works on a copy in runs/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+studies=runs/sample_studies
+[ -d "$studies" ] || { mkdir -p runs && cp -r sample_data/studies "$studies"; }
+exec .venv/bin/monailabel start_server --app apps/lungnlb --studies "$studies" --conf models all "$@"
