@@ -1,4 +1,4 @@
-"""Shared by tests/test_app*.py and benchmarks/server.py: a small studies folder from the real
+"""Shared by tests/test_app*.py and benchmarks/server.py: small studies folders from the real
 LIDC data in ../shared/data, and a tiny untrained-but-valid checkpoint."""
 
 from __future__ import annotations
@@ -44,6 +44,35 @@ def build_studies(root: Path, slices_per_file: int = 3, files: int = 2) -> dict[
     _sidecar(root, "volume_0", "hu", [], "volume")
     volumes.append("volume_0")
     return {"slices": slices, "volumes": volumes}
+
+
+def shipped_weights_held_out() -> set[str]:
+    """Cases the shipped default weights were *not* trained on (from their checkpoint config)."""
+    from lungnlb.checkpoint import default_checkpoint_path
+
+    path = default_checkpoint_path()
+    if path is None:
+        raise FileNotFoundError("lungnlb ships no default weights (lungnlb.checkpoint.default_checkpoint_path() is None)")
+    config = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    return set(config["training_data"]["held_out_cases"]["test"])
+
+
+def build_training_patient_studies(root: Path, count: int) -> list[str]:
+    """`count` 2D LIDC slices with radiologist `original` labels from a patient the shipped
+    weights were trained on (so the model agrees with those labels), one tumour slice each."""
+    (root / "labels" / "original").mkdir(parents=True, exist_ok=True)
+    (root / "meta").mkdir(exist_ok=True)
+    held_out = shipped_weights_held_out()
+    npz = next(p for p in sorted((lidc_dir() / "slices").glob("*.npz")) if read_npz_slices(p)[0].patient not in held_out)
+    items = [item for item in read_npz_slices(npz) if item.mask.any()][:count]
+    ids = []
+    for index, item in enumerate(items):
+        image_id = f"{item.patient}_t{index}"
+        write_nifti(item.image.array, item.image.affine, root / f"{image_id}.nii.gz")
+        write_nifti(item.mask.astype(np.uint8), item.image.affine, root / "labels" / "original" / f"{image_id}.nii.gz", dtype=np.uint8)
+        _sidecar(root, image_id, item.image.intensity, [0], item.patient)
+        ids.append(image_id)
+    return ids
 
 
 def _sidecar(root: Path, image_id: str, intensity: str, labelled: list[int], case: str) -> None:

@@ -17,8 +17,9 @@ import pytest
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_support import APP_DIR, REPO, build_studies, lidc_dir, tiny_checkpoint  # noqa: E402
+from app_support import APP_DIR, REPO, build_studies, build_training_patient_studies, lidc_dir, tiny_checkpoint  # noqa: E402
 
+from lungnlb.checkpoint import default_checkpoint_path  # noqa: E402
 from monailabel.config import settings  # noqa: E402
 
 
@@ -229,19 +230,31 @@ def test_strategies_return_unlabelled_images_top_k(client, workspace):
             assert scores == sorted(scores, reverse=True)
 
 
-def test_disagreement_picks_the_corrupted_original_label(client, workspace):
-    """Erase the original label of a tumour slice: the model's mask there is non-empty, so that
-    label has the lowest Dice (0) with the model and must come first."""
-    studies = workspace["studies"]
-    victim = workspace["slices"][3]
+def test_disagreement_picks_the_corrupted_original_label(tmp_path, monkeypatch):
+    """Shipped trained weights on tumour slices of a patient they were trained on: the model agrees
+    with every radiologist label (Dice >= 0.6). Shift the label the model agrees with *most* onto
+    a wrong region: `disagreement` must now rank that image first, the others keep their scores."""
+    sys.path.insert(0, str(APP_DIR))
+    from main import LungNLBApp
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)  # no scoring call to a server
+    studies = tmp_path / "studies"
+    ids = build_training_patient_studies(studies, count=4)
+    app = LungNLBApp(str(APP_DIR), str(studies), {"model_dir": str(tmp_path / "model"), "device": "cpu"})
+    assert app.info()["lungnlb"]["weights"]["checkpoint"] == str(default_checkpoint_path())
+    before = {item["id"]: item["score"] for item in app.next_sample({"strategy": "disagreement", "top_k": 4})["top_k"]}
+    assert set(before) == set(ids) and max(before.values()) <= 0.4, f"precondition, model agrees: {before}"
+    victim = min(before, key=before.get)
     path = studies / "labels" / "original" / f"{victim}.nii.gz"
-    proposal = client.post(f"/infer/lung_nlb_seg?image={victim}&output=json").json()
-    assert proposal["tumour_voxels"] > 0, "precondition: the model marks something on this slice"
     label = nib.load(path)
-    empty = nib.Nifti1Image(np.zeros(label.shape, dtype=np.uint8), label.affine)
-    nib.save(empty, path)
-    result = client.post("/activelearning/disagreement", json={"top_k": 2}).json()
-    assert result["id"] == victim and result["score"] == pytest.approx(1.0)
+    mask = np.asarray(label.dataobj)
+    shifted = np.roll(mask, shift=(mask.shape[0] // 3, mask.shape[1] // 3), axis=(0, 1))  # another place in the chest
+    assert not (shifted & mask).any()
+    nib.save(nib.Nifti1Image(shifted.astype(np.uint8), label.affine), path)
+    after = app.next_sample({"strategy": "disagreement", "top_k": 4})
+    scores = {item["id"]: item["score"] for item in after["top_k"]}
+    assert after["id"] == victim and scores[victim] >= 0.9, scores
+    assert all(scores[i] == pytest.approx(before[i]) for i in ids if i != victim)
 
 
 def test_train_one_epoch_publishes_new_weights(client, workspace):

@@ -6,8 +6,10 @@
                    H(p) = -(p log2 p + (1 - p) log2 (1 - p)) in [0, 1]
 
 Both come from one forward pass per image. The cache is `<studies>/.lungnlb/scores/<version>.json`
-({image_id: {"disagreement": float | null, "uncertainty": float}}), written atomically under a
-file lock, so a new model version starts a new cache and old scores are never mixed in.
+({image_id: {"disagreement": float | null, "uncertainty": float, "inputs": stamp}}), written
+atomically under a file lock, so a new model version starts a new cache and old scores are never
+mixed in. `stamp` records (mtime_ns, size) of the image, its `original` label and its sidecar: an
+entry whose files changed since it was scored is scored again.
 `ModelScoring` is the MONAI Label scoring method (`POST /scoring/lung_nlb_scores`) that fills it.
 """
 
@@ -56,6 +58,17 @@ def score_image(loaded: LoadedModel, config: AppConfig, datastore, image_id: str
     return scores
 
 
+def input_stamp(config: AppConfig, datastore, image_id: str) -> list:
+    """(mtime_ns, size) of the files a score depends on: image, original label, sidecar (None if absent)."""
+    paths = [datastore.get_image_uri(image_id), datastore.get_label_uri(image_id, "original"),
+             config.studies / "meta" / f"{image_id}.json"]
+    stamps = []
+    for path in paths:
+        stat = Path(path).stat() if path and Path(path).is_file() else None
+        stamps.append([stat.st_mtime_ns, stat.st_size] if stat else None)
+    return stamps
+
+
 class ScoreCache:
     """Scores of the current model version for the images that need them (computed on a miss)."""
 
@@ -70,9 +83,10 @@ class ScoreCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-            missing = [i for i in image_ids if i not in cached]
+            stamps = {i: input_stamp(self.config, datastore, i) for i in image_ids}
+            missing = [i for i in image_ids if cached.get(i, {}).get("inputs") != stamps[i]]
             for image_id in missing:
-                cached[image_id] = score_image(loaded, self.config, datastore, image_id)
+                cached[image_id] = {**score_image(loaded, self.config, datastore, image_id), "inputs": stamps[image_id]}
             if missing:
                 atomic_write_text(path, json.dumps(cached, indent=1))
         return loaded.version, {i: cached[i] for i in image_ids}
