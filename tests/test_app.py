@@ -216,6 +216,58 @@ def test_final_label_is_versioned_and_original_kept(client, workspace):
     assert client.get("/info/").json()["lungnlb"]["provenance"]["submissions"] >= 2
 
 
+def test_image_info_carries_the_sidecar(client, workspace):
+    """`GET /datastore/image/info` and the active-learning answer carry the sidecar's `intensity`
+    (and source, case, labelled_slices ...), so a client can pass `intensity` back with infer."""
+    for image_id in (workspace["slices"][0], workspace["volumes"][0]):
+        sidecar = json.loads((workspace["studies"] / "meta" / f"{image_id}.json").read_text())
+        info = client.get(f"/datastore/image/info?image={image_id}").json()
+        for key in ("intensity", "source", "case", "labelled_slices", "attribution"):
+            assert info[key] == sidecar[key], key
+    intensities = {client.get(f"/datastore/image/info?image={i}").json()["intensity"] for i in (workspace["slices"][0], workspace["volumes"][0])}
+    assert intensities == {"normalized", "hu"}
+    picked = client.post("/activelearning/random", json={}).json()
+    sidecar = json.loads((workspace["studies"] / "meta" / f"{picked['id']}.json").read_text())
+    assert picked["intensity"] == sidecar["intensity"] and picked["case"] == sidecar["case"]
+    stored = json.loads((workspace["studies"] / "datastore_v2.json").read_text())["objects"][picked["id"]]["image"]["info"]
+    assert "intensity" not in stored, "sidecar fields are served, never copied into the datastore JSON"
+
+
+def test_trainer_reads_labelled_slices_of_the_final_label(tmp_path):
+    """A final label's `labelled_slices` (the reviewed slices the Slicer client sends) decide the
+    training slices, empty reviewed slices included; without them the sidecar's list is used."""
+    from fastapi import HTTPException
+
+    sys.path.insert(0, str(APP_DIR))
+    from lib.trainers.slices import datastore_slices
+    from main import LungNLBApp
+
+    studies = tmp_path / "studies"
+    ids = build_studies(studies, slices_per_file=1, files=1)
+    app = LungNLBApp(str(APP_DIR), str(studies), {"checkpoint": "none", "model_dir": str(tmp_path / "model")})
+    datastore, volume_id = app.datastore(), ids["volumes"][0]
+    source = nib.load(studies / f"{volume_id}.nii.gz")
+    mask = np.zeros(source.shape, dtype=np.uint8)
+    mask[200:230, 200:230, 5] = 1  # NIfTI (i, j, k): tumour on slice k = 5 only
+    label = tmp_path / "final.nii.gz"
+    nib.save(nib.Nifti1Image(mask, source.affine), label)
+
+    def volume_slices() -> dict[int, float]:
+        found = datastore_slices(datastore, app.app_config, (64, 64), None, original_weight=0.3)
+        return {s.z: float(s.mask.max()) for s in found if s.image_id == volume_id and s.tag == "final"}
+
+    datastore.save_label(volume_id, str(label), "final", {"user": "a"})
+    assert volume_slices() == {5: 1.0}  # sidecar lists no slices: only the one with foreground
+    datastore.save_label(volume_id, str(label), "final", {"user": "a", "labelled_slices": [9, 2, 5, 2]})
+    assert datastore.get_label_info(volume_id, "final")["labelled_slices"] == [2, 5, 9]
+    assert volume_slices() == {2: 0.0, 5: 1.0, 9: 0.0}
+    for bad in ([16], [-1], ["3"], 3):
+        with pytest.raises(HTTPException) as error:
+            datastore.save_label(volume_id, str(label), "final", {"labelled_slices": bad})
+        assert error.value.status_code == 400 and "labelled_slices" in error.value.detail
+    assert len(datastore.history(volume_id)) == 2
+
+
 def test_strategies_return_unlabelled_images_top_k(client, workspace):
     labelled = set(client.get("/datastore/?output=all").json()["objects"])
     finals = {k for k, v in client.get("/datastore/?output=all").json()["objects"].items() if "final" in v["labels"]}

@@ -55,14 +55,29 @@ def resolve_image(image: str, datastore, config: AppConfig) -> tuple[str | None,
     raise not_found(f"image id {image!r} is not in the datastore")
 
 
-def study_intensity(config: AppConfig, image_id: str | None) -> str | None:
-    """The `intensity` recorded in the study's sidecar `meta/<id>.json`, if any."""
+SIDECAR_INFO_KEYS = ("intensity", "source", "case", "class_label", "label_method", "labelled_slices",
+                     "slice_class_labels", "malignancy", "readers", "attribution")
+
+
+def read_sidecar(config: AppConfig, image_id: str | None) -> dict:
+    """The study's sidecar `meta/<id>.json` ({} when there is none); 422 when it is not a JSON object."""
     if image_id is None:
-        return None
+        return {}
     sidecar = config.studies / "meta" / f"{image_id}.json"
     if not sidecar.is_file():
-        return None
-    return json.loads(sidecar.read_text(encoding="utf-8")).get("intensity")
+        return {}
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise unprocessable(f"sidecar {sidecar.name} of image {image_id!r} is not valid JSON: {error}") from error
+    if not isinstance(meta, dict):
+        raise unprocessable(f"sidecar {sidecar.name} of image {image_id!r} is not a JSON object")
+    return meta
+
+
+def study_intensity(config: AppConfig, image_id: str | None) -> str | None:
+    """The `intensity` recorded in the study's sidecar `meta/<id>.json`, if any."""
+    return read_sidecar(config, image_id).get("intensity")
 
 
 def load_image(path: Path, intensity: str | None = None) -> ImageData:

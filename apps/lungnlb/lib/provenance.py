@@ -30,7 +30,17 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.conf import AppConfig
 from lib.errors import bad_request, conflict, not_found
-from lib.images import check_image_id, dice, load_image, load_mask, study_intensity, write_image, write_mask
+from lib.images import (
+    SIDECAR_INFO_KEYS,
+    check_image_id,
+    dice,
+    load_image,
+    load_mask,
+    read_sidecar,
+    study_intensity,
+    write_image,
+    write_mask,
+)
 
 ORIGINAL = DefaultLabelTag.ORIGINAL.value
 FINAL = DefaultLabelTag.FINAL.value
@@ -67,6 +77,17 @@ def _suffix(filename: str) -> str:
     return next((s for s in NIFTI_SUFFIXES if filename.endswith(s)), "".join(Path(filename).suffixes))
 
 
+def checked_slices(value: Any, depth: int) -> list[int]:
+    """A label's `labelled_slices` (slice indices z the annotator reviewed) as sorted unique ints in
+    [0, depth); 400 naming the problem otherwise."""
+    if not isinstance(value, list) or not all(isinstance(z, int) and not isinstance(z, bool) for z in value):
+        raise bad_request(f"labelled_slices must be a list of slice indices (integers), got {value!r}")
+    outside = [z for z in value if not 0 <= z < depth]
+    if outside:
+        raise bad_request(f"labelled_slices {outside} lie outside the image's {depth} slice(s) (0..{depth - 1})")
+    return sorted(set(value))
+
+
 class ProvenanceDatastore(LocalDatastore):
     """LocalDatastore with checked uploads, protected `original` labels and versioned `final` labels."""
 
@@ -98,6 +119,18 @@ class ProvenanceDatastore(LocalDatastore):
         return json.loads(meta.read_text(encoding="utf-8")), directory / "proposal.nii.gz"
 
     # ---- overrides --------------------------------------------------------------------------
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        """MONAI Label's image info plus the study sidecar's fields (`intensity`, `source`, `case`,
+        `labelled_slices`, ...; see `SIDECAR_INFO_KEYS`), so a client can pass `intensity` back.
+
+        Also what `/activelearning/<strategy>` merges into its answer. Sidecar values are read
+        fresh on every call and never written into the datastore JSON."""
+        info = super().get_image_info(image_id)
+        if not info:
+            return info
+        sidecar = read_sidecar(self.config, image_id)
+        return {**info, **{key: sidecar[key] for key in SIDECAR_INFO_KEYS if key in sidecar}}
+
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """Check the upload (readable 2D/3D CT image), store it as NIfTI under a safe, new id."""
         source = Path(image_filename)
@@ -123,9 +156,11 @@ class ProvenanceDatastore(LocalDatastore):
             raise conflict(f"image {image_id!r} already has an original label; original labels are never overwritten")
         image = load_image(Path(self.get_image_uri(image_id)), study_intensity(self.config, image_id))
         mask = load_mask(Path(label_filename), image)
+        info = dict(label_info or {})
+        if "labelled_slices" in info:
+            info["labelled_slices"] = checked_slices(info["labelled_slices"], 1 if mask.ndim == 2 else mask.shape[0])
         with tempfile.TemporaryDirectory() as tmp:
             label_file = write_mask(Path(tmp) / f"{image_id}.nii.gz", mask, image)
-            info = dict(label_info or {})
             if label_tag == FINAL:
                 info["provenance"] = self._version_final(image_id, label_file, mask, image, info)
             return self._store_label(obj, image_id, label_file, label_tag, info)
@@ -144,6 +179,7 @@ class ProvenanceDatastore(LocalDatastore):
             "proposal_model_version": (proposal or {}).get("model_version"),
             "dice_proposal_vs_final": None,
             "dice_original_vs_final": None,
+            "labelled_slices": info.get("labelled_slices"),
             "file": f"final_v{version}.nii.gz",
         }
         if proposal_file is not None and proposal_file.is_file():

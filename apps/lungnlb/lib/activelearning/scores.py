@@ -28,7 +28,7 @@ from lib.conf import AppConfig
 from lib.images import dice, load_image, load_mask, study_intensity
 from lib.model_store import LoadedModel, ModelStore
 from lib.provenance import atomic_write_text
-from lib.trainers.slices import labelled_slices
+from lib.trainers.slices import labelled_slices, listed_slices
 
 SCORING_NAME = "lung_nlb_scores"
 
@@ -52,7 +52,7 @@ def score_image(loaded: LoadedModel, config: AppConfig, datastore, image_id: str
     if original:
         mask = load_mask(Path(original), image)
         mask = mask if mask.ndim == 3 else mask[None]
-        zs = labelled_slices(config, image_id, mask) or list(range(mask.shape[0]))
+        zs = labelled_slices(mask, listed_slices(config, datastore, image_id, "original")) or list(range(mask.shape[0]))
         predicted = volume[zs] > loaded.predictor.threshold
         scores["disagreement"] = 1.0 - dice(predicted, mask[zs])
     return scores

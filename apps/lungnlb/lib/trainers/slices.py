@@ -1,21 +1,23 @@
 """Training slices from the datastore: `final` labels (weight 1) and `original` labels (lower weight).
 
-For every image, the `final` label wins over the `original` one. The slices used are those the
-study sidecar lists as `labelled_slices` plus every slice where the label has foreground (a 2D
-image is its one slice). Each slice is mapped with `to_model_input` and resized to the model's
-input size; its class target (neoplasm on this slice) is whether its mask is non-empty.
+For every image, the `final` label wins over the `original` one. The slices used are the label's
+`labelled_slices` plus every slice where the label has foreground (a 2D image is its one slice).
+A `final` label's `labelled_slices` come from its label info (the slices the annotator reviewed,
+sent with the submission, e.g. by the Slicer client); an `original` label's, or a `final` label
+submitted without them, from the study sidecar. Each slice is mapped with `to_model_input` and
+resized to the model's input size; its class target (neoplasm on this slice) is whether its mask
+is non-empty, so a reviewed slice left empty is a "no tumour" example.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lib.images import load_image, load_mask, study_intensity
+from lib.images import load_image, load_mask, read_sidecar, study_intensity
 from lib.conf import AppConfig
 from lungnlb.inference import resize_batch
 from lungnlb.io.intensity import to_model_input
@@ -33,14 +35,19 @@ class TrainSlice:
     tag: str
 
 
-def labelled_slices(config: AppConfig, image_id: str, mask: np.ndarray) -> list[int]:
+def labelled_slices(mask: np.ndarray, listed: list[int]) -> list[int]:
+    """The slices `listed` as labelled plus every slice of `mask` with foreground, within range, sorted."""
     volume = mask if mask.ndim == 3 else mask[None]
-    listed: set[int] = set()
-    sidecar = config.studies / "meta" / f"{image_id}.json"
-    if sidecar.is_file():
-        listed = {int(z) for z in json.loads(sidecar.read_text(encoding="utf-8")).get("labelled_slices", [])}
     with_foreground = {int(z) for z in np.flatnonzero(volume.reshape(volume.shape[0], -1).any(axis=1))}
-    return sorted(z for z in listed | with_foreground if 0 <= z < volume.shape[0])
+    return sorted(z for z in {int(z) for z in listed} | with_foreground if 0 <= z < volume.shape[0])
+
+
+def listed_slices(config: AppConfig, datastore, image_id: str, tag: str) -> list[int]:
+    """`labelled_slices` of a `final` label's info, else of the study sidecar (see the module docstring)."""
+    info = datastore.get_label_info(image_id, tag) if tag == "final" else {}
+    if "labelled_slices" in (info or {}):
+        return list(info["labelled_slices"])
+    return list(read_sidecar(config, image_id).get("labelled_slices", []))
 
 
 def _resized(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -63,7 +70,7 @@ def datastore_slices(
         volume = to_model_input(image.array, image.intensity, window=window)
         volume, mask = (volume, mask) if volume.ndim == 3 else (volume[None], mask[None])
         weight = 1.0 if tag == "final" else original_weight
-        for z in labelled_slices(config, image_id, mask):
+        for z in labelled_slices(mask, listed_slices(config, datastore, image_id, tag)):
             resized_mask = (_resized(mask[z].astype(np.float32), input_size) > 0.5).astype(np.float32)
             slices.append(TrainSlice(image_id, z, _resized(volume[z], input_size), resized_mask, weight, tag))
     return slices
