@@ -25,7 +25,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(studies: Path, conf: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    studies: Path, conf: dict[str, str], log: Path, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """Start `monailabel start_server` on a free loopback port; wait (bounded) until /info answers."""
     port = free_port()
     command = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(APP_DIR),
@@ -34,7 +36,7 @@ def start_server(studies: Path, conf: dict[str, str], log: Path) -> tuple[subpro
         command += ["--conf", key, value]
     bin_dir = str(Path(sys.executable).parent)  # the monailabel script runs the `python` on PATH
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONPATH": str(REPO),
-           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", **(extra_env or {})}
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
