@@ -1,6 +1,6 @@
 """LungNLB MONAI Label app: NLB U-Net segmentation / classification, watershed, active learning.
 
-    monailabel start_server --app apps/lungnlb --studies sample_data/studies --conf models all
+    bash scripts/serve_sample.sh    # monailabel start_server --app apps/lungnlb --studies runs/sample_studies --conf models all
 
 Wiring only; the parts live in `lib/` (see docs/app.md):
 
