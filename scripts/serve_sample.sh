@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 studies=runs/sample_studies
 [ -d "$studies" ] || { mkdir -p runs && cp -r sample_data/studies "$studies"; }
-exec .venv/bin/monailabel start_server --app apps/lungnlb --studies "$studies" --conf models all "$@"
+# monailabel's launcher runs the first `python` on PATH: make it the venv's.
+export PATH="$PWD/.venv/bin:$PATH"
+exec monailabel start_server --app apps/lungnlb --studies "$studies" --conf models all "$@"
