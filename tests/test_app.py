@@ -8,6 +8,7 @@ import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -122,10 +123,69 @@ def test_infer_2d_slice_keeps_geometry(client, workspace):
     params, mask = _multipart(response)
     source = nib.load(workspace["studies"] / f"{image_id}.nii.gz")
     assert mask.shape == source.shape and mask.ndim == 2
-    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+    np.testing.assert_array_equal(mask.affine, source.affine)  # exactly: same float32 sform as the study
+    assert int(mask.header["sform_code"]) == int(mask.header["qform_code"]) == 1
     assert len(params["slice_probabilities"]) == 1
     assert 0.0 <= params["image_probability"] <= 1.0
     assert params["tumour_voxels"] == int(np.asarray(mask.dataobj).sum())
+
+
+def test_changed_image_file_is_not_served_from_the_cache(client, workspace):
+    from monailabel.interfaces.utils.app import app_instance
+
+    cache = app_instance().images
+    first, second = workspace["slices"][0], workspace["slices"][1]
+    path = workspace["studies"] / f"{first}.nii.gz"
+    original = path.read_bytes()
+
+    def probabilities(image_id):
+        response = client.post(f"/infer/lung_nlb_seg?image={image_id}&output=json")
+        assert response.status_code == 200, response.text
+        return response.json()["slice_probabilities"], response.json()["tumour_voxels"]
+
+    of_first, of_second = probabilities(first), probabilities(second)
+    assert of_first != of_second  # the check below could not tell the images apart otherwise
+    hits = cache.hits
+    assert probabilities(first) == of_first and cache.hits == hits + 1  # unchanged file: from the cache
+    try:
+        replacement = path.with_name(".replacement.nii.gz")
+        replacement.write_bytes((workspace["studies"] / f"{second}.nii.gz").read_bytes())
+        os.replace(replacement, path)  # replaced (new inode): read again
+        assert probabilities(first) == of_second
+        stat = path.stat()
+        path.write_bytes(original)  # rewritten in place (same inode), mtime set back: still read again
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert probabilities(first) == of_first
+    finally:
+        path.write_bytes(original)
+
+
+def test_image_cache_bound_and_in_place_rewrite(tmp_path):
+    sys.path.insert(0, str(APP_DIR))
+    from lib.image_cache import ImageCache
+    from lib.images import load_image
+    from lungnlb.io import write_nifti
+
+    affine = np.diag([0.7, 0.7, 2.5, 1.0])
+    paths = [tmp_path / f"{name}.nii" for name in "abc"]
+    for value, path in enumerate(paths):
+        write_nifti(np.full((32, 32), float(value), np.float32), affine, path)
+    cache = ImageCache(max_bytes=2 * 32 * 32 * 4)  # room for two of the three images
+    for path in paths:
+        assert cache.get(path, "normalized", load_image).array[0, 0] == float(paths.index(path))
+    assert len(cache) == 2 and cache.misses == 3
+    image = cache.get(paths[2], "normalized", load_image)
+    assert cache.hits == 1 and not image.array.flags.writeable  # shared arrays cannot be altered
+    stat = paths[2].stat()
+    time.sleep(0.05)  # past the file system's timestamp granularity, as any later edit would be
+    with paths[2].open("r+b") as stream:  # same size, same inode, mtime restored below
+        data = stream.read()
+        stream.seek(0)
+        stream.write(data[:-4] + np.float32(7.0).tobytes())
+    os.utime(paths[2], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cache.get(paths[2], "normalized", load_image).array[-1, -1] == 7.0
+    assert len(cache) == 2  # the old state of the file was dropped
+    assert ImageCache(max_bytes=0).get(paths[0], "normalized", load_image).array.flags.writeable
 
 
 def test_infer_3d_volume_slice_by_slice(client, workspace):

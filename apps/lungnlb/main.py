@@ -8,6 +8,7 @@ Wiring only; the parts live in `lib/` (see docs/app.md):
     lib/model_store.py           current weights, their version, the loaded model
     lib/provenance.py            datastore: checked uploads, write-once original, versioned final labels
     lib/images.py                request image resolution and checks (4xx with a message)
+    lib/image_cache.py           decoded datastore images kept between infer requests (LRU)
     lib/infers/                  lung_nlb_seg, lung_nlb_cls, lung_watershed
     lib/trainers/                lung_nlb_seg training
     lib/activelearning/          scores cached per model version; disagreement / uncertainty strategies
@@ -33,6 +34,7 @@ from lib.activelearning.scores import SCORING_NAME, ModelScoring, ScoreCache
 from lib.activelearning.strategies import ScoreRankStrategy
 from lib.conf import CLS_MODEL, SEG_MODEL, WATERSHED_MODEL, parse_conf
 from lib.errors import not_found
+from lib.image_cache import ImageCache
 from lib.images import resolve_image
 from lib.infers.classification import NLBClassificationInfer
 from lib.infers.segmentation import NLBSegmentationInfer
@@ -53,6 +55,7 @@ class LungNLBApp(MONAILabelApp):
         self.app_config = parse_conf(app_dir, studies, conf or {})
         self.store = ModelStore(self.app_config)
         self.score_cache = ScoreCache(self.app_config, self.store)
+        self.images = ImageCache(int(self.app_config.image_cache_mb * (1 << 20)))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -75,9 +78,9 @@ class LungNLBApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         tasks = {
-            SEG_MODEL: lambda: NLBSegmentationInfer(self.app_config, self.store),
-            CLS_MODEL: lambda: NLBClassificationInfer(self.app_config, self.store),
-            WATERSHED_MODEL: lambda: WatershedInfer(self.app_config),
+            SEG_MODEL: lambda: NLBSegmentationInfer(self.app_config, self.store, self.images),
+            CLS_MODEL: lambda: NLBClassificationInfer(self.app_config, self.store, self.images),
+            WATERSHED_MODEL: lambda: WatershedInfer(self.app_config, self.images),
         }
         return {name: tasks[name]() for name in self.app_config.models}
 

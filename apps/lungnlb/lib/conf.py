@@ -10,6 +10,8 @@ Keys (all optional):
     model_dir        where training publishes weights and train stats      [<app>/model]
     device           "auto", "cpu", "cuda" or "cuda:N"                       [auto: cuda if present]
     batch_size       slices per forward pass at inference                    [16]
+    image_cache_mb   MiB of decoded datastore images kept in memory between infer requests
+                     (LRU; a changed file is read again); 0 turns the cache off   [256]
     original_weight  training weight of `original` (watershed) labels; `final` labels weigh 1   [0.3]
     tracking         "mlflow" (SQLite store) or "none"                        [mlflow]
     tracking_uri     MLflow tracking URI                                      [sqlite:///<model_dir>/mlflow.db]
@@ -42,6 +44,7 @@ class AppConfig:
     model_dir: Path = Path("model")
     device: str = "auto"
     batch_size: int = 16
+    image_cache_mb: float = 256.0
     original_weight: float = 0.3
     tracking: str = "mlflow"
     tracking_uri: str = ""
@@ -82,6 +85,16 @@ def _positive(key: str, value: str, kind: type) -> int | float:
     return number
 
 
+def _non_negative(key: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError as error:
+        raise ValueError(f"--conf {key}: {value!r} is not a number") from error
+    if not number >= 0:
+        raise ValueError(f"--conf {key}: must be >= 0, got {value!r}")
+    return number
+
+
 def parse_conf(app_dir: str | os.PathLike, studies: str | os.PathLike, conf: dict[str, str]) -> AppConfig:
     """Build an `AppConfig` from MONAI Label's conf dict; a bad value raises ValueError naming the key."""
     app_dir = Path(app_dir).resolve()
@@ -105,6 +118,7 @@ def parse_conf(app_dir: str | os.PathLike, studies: str | os.PathLike, conf: dic
         model_dir=model_dir,
         device=conf.get("device", "auto"),
         batch_size=int(_positive("batch_size", conf.get("batch_size", "16"), int)),
+        image_cache_mb=_non_negative("image_cache_mb", conf.get("image_cache_mb", "256")),
         original_weight=original_weight,
         tracking=tracking,
         tracking_uri=conf.get("tracking_uri", f"sqlite:///{model_dir / 'mlflow.db'}"),

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,23 @@ def atomic_copy(source: Path, destination: Path) -> None:
         os.replace(tmp, destination)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_link_or_copy(source: Path, destination: Path) -> None:
+    """Like `atomic_copy`, but a hard link when both lie on one file system (no data copied;
+    MONAI Label only unlinks its result file after sending it, which leaves the link intact)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.parent / f".{destination.name}.{uuid.uuid4().hex}.part"
+    try:
+        os.link(source, tmp)
+    except OSError:
+        atomic_copy(source, destination)
+        return
+    try:
+        os.replace(tmp, destination)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -105,18 +123,24 @@ class ProvenanceDatastore(LocalDatastore):
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
 
     def record_proposal(self, image_id: str, mask_file: Path, model: str, model_version: str | None) -> None:
-        """Remember the latest model proposal for an image (the mask infer returned)."""
+        """Remember the latest model proposal for an image (the mask infer returned, `.nii` or
+        `.nii.gz` as written: `proposal<suffix>`, named in `proposal.json`)."""
         directory = self._label_dir(image_id)
-        atomic_copy(mask_file, directory / "proposal.nii.gz")
-        record = {"model": model, "model_version": model_version, "ts": time.time()}
+        name = "proposal" + _suffix(mask_file.name)
+        atomic_link_or_copy(mask_file, directory / name)
+        record = {"model": model, "model_version": model_version, "ts": time.time(), "file": name}
         atomic_write_text(directory / "proposal.json", json.dumps(record))
+        for suffix in NIFTI_SUFFIXES:  # a previous proposal in the other format
+            if "proposal" + suffix != name:
+                (directory / f"proposal{suffix}").unlink(missing_ok=True)
 
     def _proposal(self, image_id: str) -> tuple[dict[str, Any] | None, Path | None]:
         directory = self._label_dir(image_id)
         meta = directory / "proposal.json"
         if not meta.is_file():
             return None, None
-        return json.loads(meta.read_text(encoding="utf-8")), directory / "proposal.nii.gz"
+        record = json.loads(meta.read_text(encoding="utf-8"))
+        return record, directory / record.get("file", "proposal.nii.gz")
 
     # ---- overrides --------------------------------------------------------------------------
     def get_image_info(self, image_id: str) -> dict[str, Any]:

@@ -1,37 +1,74 @@
-"""What the LungNLB infer tasks share: the request's image, checked, and a temporary result file."""
+"""What the LungNLB infer tasks share: the request's image, checked (and cached), and the result file."""
 
 from __future__ import annotations
 
+import gzip
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from lib.conf import AppConfig
+from lib.image_cache import ImageCache
 from lib.images import load_image, study_intensity
 from lungnlb.io import ImageData
+
+RAW_RESULT_MAX_BYTES = 4 << 20  # results up to this many voxel bytes are sent as plain .nii
 
 
 class LungInferTask(InferTask):
     """An InferTask whose request carries `image` (a checked path) and `image_id` (or None).
 
     `LungNLBApp.infer` resolves and checks the request's image before calling the task, so a task
-    only reads it (4xx on unusable content) and writes its result to a temporary NIfTI file that
-    MONAI Label streams back and deletes.
+    only reads it (4xx on unusable content; datastore images through the app's `ImageCache`) and
+    writes its result to a temporary NIfTI file that MONAI Label streams back and deletes.
     """
 
-    def __init__(self, app_config: AppConfig, **kwargs: Any):
+    def __init__(self, app_config: AppConfig, images: ImageCache | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.app_config = app_config
+        self.images = images
 
     def read(self, request: dict[str, Any]) -> ImageData:
-        """The request's image; intensity from the request, else the study sidecar, else the reader."""
+        """The request's image; intensity from the request, else the study sidecar, else the reader.
+
+        A datastore image comes from the cache while its file is unchanged (read-only array);
+        uploads and absolute paths are read every time.
+        """
         intensity = request.get("intensity") or study_intensity(self.app_config, request.get("image_id"))
-        return load_image(Path(request["image"]), intensity)
+        path = Path(request["image"])
+        if self.images is None or request.get("image_id") is None:
+            return load_image(path, intensity)
+        return self.images.get(path, intensity, load_image)
 
     @staticmethod
-    def result_path() -> Path:
-        """A fresh temporary `.nii.gz` path for the result (deleted by MONAI Label after sending)."""
-        with tempfile.NamedTemporaryFile(prefix="lungnlb_", suffix=".nii.gz", delete=False) as handle:
-            return Path(handle.name)
+    def write_result(array: np.ndarray, affine: np.ndarray, dtype: type = np.uint8) -> Path:
+        """Write a result in the image's geometry to a fresh temporary NIfTI file and return its path.
+
+        Same header as `lungnlb.io.write_nifti` (array transposed to (X, Y[, Z]), `affine` as both
+        qform and sform, code 1, mm). A small result (a slice: <= RAW_RESULT_MAX_BYTES of voxels)
+        is written as plain `.nii`, which costs no compression on either side of a request; a
+        larger one as `.nii.gz` (gzip level 1: a mask compresses ~200x, which matters on a real
+        network). Nobody else sees the file until it is returned, so it is written in place.
+        """
+        data = np.asarray(array, dtype=dtype)
+        image = nib.Nifti1Image(data.T, np.asarray(affine, dtype=np.float64))
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+        image.header.set_xyzt_units("mm")
+        content = image.to_bytes()
+        compress = data.nbytes > RAW_RESULT_MAX_BYTES
+        if compress:
+            content = gzip.compress(content, compresslevel=1, mtime=0)
+        handle, name = tempfile.mkstemp(prefix="lungnlb_", suffix=".nii.gz" if compress else ".nii")
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(content)
+        except BaseException:
+            os.remove(name)
+            raise
+        return Path(name)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from lib.conf import AppConfig
+from lib.image_cache import ImageCache
 from lib.infers.base import LungInferTask
 from lib.infers.segmentation import _threshold
 from lib.model_store import ModelStore
@@ -21,9 +22,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 class NLBClassificationInfer(LungInferTask):
     """Slice / image classification with the NLB U-Net's classification head."""
 
-    def __init__(self, config: AppConfig, store: ModelStore):
+    def __init__(self, config: AppConfig, store: ModelStore, images: ImageCache | None = None):
         super().__init__(
             config,
+            images,
             type=InferType.CLASSIFICATION,
             labels={"neoplasm": 1},
             dimension=3,

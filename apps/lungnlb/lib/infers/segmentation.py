@@ -25,20 +25,21 @@ import torch
 
 from lib.conf import AppConfig
 from lib.errors import bad_request, unprocessable
-from lib.images import write_mask
+from lib.image_cache import ImageCache
 from lib.infers.base import LungInferTask
 from lib.model_store import ModelStore
 from lungnlb.inference import resize_batch
-from lungnlb.io import ImageData, write_nifti
+from lungnlb.io import ImageData
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 
 class NLBSegmentationInfer(LungInferTask):
     """NLB U-Net tumour segmentation (listed in /info only while trained weights exist)."""
 
-    def __init__(self, config: AppConfig, store: ModelStore):
+    def __init__(self, config: AppConfig, store: ModelStore, images: ImageCache | None = None):
         super().__init__(
             config,
+            images,
             type=InferType.SEGMENTATION,
             labels={"tumour": 1},
             dimension=3,
@@ -66,14 +67,13 @@ class NLBSegmentationInfer(LungInferTask):
             "tumour_present": bool(slice_probabilities.max() > threshold),
             "tumour_voxels": int(mask.sum()),
         }
-        path = self.result_path()
         if str(request.get("attention", "false")).lower() == "true":
             z = int(request.get("slice") if request.get("slice") not in (None, "") else slice_probabilities.argmax())
             heat, names = attention_slice(loaded, image, z)
-            write_nifti(heat, image.affine, path)
+            path = self.write_result(heat, image.affine, np.float32)
             result.update({"attention_blocks": names, "attention_slice": z})
         else:
-            write_mask(path, mask, image)
+            path = self.write_result(mask, image.affine)
         result["latencies"] = {"total": round(time.perf_counter() - start, 4)}
         return str(path), result
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from lib.conf import AppConfig
 from lib.errors import bad_request, unprocessable
-from lib.images import write_mask
+from lib.image_cache import ImageCache
 from lib.infers.base import LungInferTask
 from lungnlb.labels import box_to_mask, points_to_mask
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -29,9 +29,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 class WatershedInfer(LungInferTask):
     """Box / click -> nodule mask on one slice (no model, always available)."""
 
-    def __init__(self, config: AppConfig):
+    def __init__(self, config: AppConfig, images: ImageCache | None = None):
         super().__init__(
             config,
+            images,
             type=InferType.DEEPGROW,
             labels={"tumour": 1},
             dimension=2,
@@ -62,8 +63,7 @@ class WatershedInfer(LungInferTask):
             raise unprocessable(f"lung_watershed: {error}") from error
         mask = np.zeros(volume.shape, dtype=bool)
         mask[z] = mask2d
-        path = self.result_path()
-        write_mask(path, mask.reshape(image.array.shape), image)
+        path = self.write_result(mask.reshape(image.array.shape), image.affine)
         return str(path), {
             "slice": z,
             "method": "box" if box else "points",
