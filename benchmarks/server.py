@@ -1,6 +1,6 @@
 """Latency and load of the LungNLB MONAI Label app on a real server on loopback.
 
-    .venv/bin/python benchmarks/server.py [--clients 8] [--requests 20] [--repeats 5]
+    .venv/bin/python benchmarks/server.py [--clients 8] [--requests 20] [--repeats 5] [--slice-repeats 21]
 
 Starts `monailabel start_server` (tests/app_support.py: LIDC slices + one CT series from
 ../shared/data; lungnlb's shipped default weights unless `--checkpoint`), then measures in the
@@ -8,7 +8,8 @@ same run:
 
 1. round-trip latency of `POST /infer/lung_nlb_seg` (JSON + mask) for a 512x512 slice and a
    64-slice volume, against the direct `Predictor.predict` call on the same arrays in this
-   process, the two alternated call by call: overhead ratio = server median / direct median
+   process, the two alternated call by call (median of `--slice-repeats` / `--repeats` pairs):
+   overhead ratio = server median / direct median
    (target <= 1.25); the server's start-up scoring run is switched off so that nothing else runs;
 2. `--clients` concurrent clients x `--requests` slice requests each: errors, p50/p90/p99
    latency, and the server process's peak resident memory (VmHWM from /proc).
@@ -86,7 +87,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="alternated call pairs for the volume")
+    parser.add_argument("--slice-repeats", type=int, default=21, help="alternated call pairs for the slice (cheap, noisy)")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="weights to serve [lungnlb's shipped default; a small random NLB U-Net if none ships]")
     args = parser.parse_args()
@@ -103,14 +105,14 @@ def main() -> int:
         model, config = load_model(checkpoint)
         predictor = Predictor(model, config, "cpu", batch_size=16)
         print(f"model {config['model']['name']} {config['model'].get('kwargs') or ''} input {config['input_size']}; server {url}")
-        for label, image_id in (("512x512 slice", ids["slices"][0]), ("64-slice volume", volume_id)):
+        for label, image_id, repeats in (("512x512 slice", ids["slices"][0], args.slice_repeats), ("64-slice volume", volume_id, args.repeats)):
             image = read_image(root / "studies" / f"{image_id}.nii.gz")
 
             def server_call(image_id=image_id):
                 response = requests.post(f"{url}/infer/lung_nlb_seg", params={"image": image_id, "output": "all"}, timeout=600)
                 response.raise_for_status()
 
-            direct, served = interleaved_medians(lambda: predictor.predict(image.array, image.intensity), server_call, args.repeats)
+            direct, served = interleaved_medians(lambda: predictor.predict(image.array, image.intensity), server_call, repeats)
             print(f"{label:16s} direct {direct * 1000:8.1f} ms  server {served * 1000:8.1f} ms  overhead x{served / direct:.2f}")
 
         def client(_: int) -> list[tuple[float, bool]]:
