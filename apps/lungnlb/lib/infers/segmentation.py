@@ -9,6 +9,7 @@ Result image: uint8 mask (1 = tumour) in the input's own geometry (same array sh
     image_probability    max over the slices: probability that the image shows a tumour
     tumour_present       image_probability > threshold
     tumour_voxels        number of mask voxels
+    latencies            seconds spent reading the image, in the model, writing the result, in total
 
 With `"attention": true` (and optionally `"slice": z`, default the most probable slice) the result
 image is instead the mean non-local-block attention heat map of that slice (float32, other slices
@@ -55,7 +56,9 @@ class NLBSegmentationInfer(LungInferTask):
         start = time.perf_counter()
         loaded = self.store.get()
         image = self.read(request)
+        read = time.perf_counter()
         prediction = loaded.predictor.predict(image.array, image.intensity)
+        predicted = time.perf_counter()
         threshold = _threshold(request, loaded.predictor.threshold)
         slice_probabilities = np.atleast_1d(np.asarray(prediction.slice_probability, dtype=float))
         mask = prediction.probability > threshold
@@ -74,7 +77,9 @@ class NLBSegmentationInfer(LungInferTask):
             result.update({"attention_blocks": names, "attention_slice": z})
         else:
             path = self.write_result(mask, image.affine)
-        result["latencies"] = {"total": round(time.perf_counter() - start, 4)}
+        end = time.perf_counter()
+        result["latencies"] = {"read": round(read - start, 4), "model": round(predicted - read, 4),
+                               "write": round(end - predicted, 4), "total": round(end - start, 4)}
         return str(path), result
 
 
