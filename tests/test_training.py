@@ -57,6 +57,16 @@ def test_shipped_default_weights_load_and_predict():
     assert result.probability.shape == (2, 100, 90) and result.slice_probability.shape == (2,)
 
 
+def test_predictor_accepts_read_only_arrays_and_leaves_them_alone(recwarn):
+    predictor = Predictor.from_checkpoint()
+    volume = np.full((2, 64, 64), -800.0, np.float32)
+    volume.setflags(write=False)
+    result = predictor.predict(volume, "hu")
+    assert result.probability.shape == (2, 64, 64)
+    assert np.all(volume == -800.0)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
 def test_dataset_samples_follow_sidecars(tmp_path):
     studies = synthetic_studies(tmp_path)
     samples = load_slices(studies, (32, 32))
