@@ -90,7 +90,8 @@ class Predictor:
         """Map `array` (any source intensity) to the model's input range [0, 1] (float32)."""
         from lungnlb.io.intensity import to_model_input
 
-        # a writable copy: callers may hand in read-only (cached) arrays, which torch refuses to share
+        # a writable copy: callers may hand in read-only (cached) arrays, on which torch.as_tensor
+        # (inside MONAI's ScaleIntensityRange) warns that the array is not writable
         return to_model_input(np.array(array, dtype=np.float32), intensity, window=self.window)
 
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """`lung_nlb_cls`: neoplasm present / absent for a slice or a volume, from the classification head.
 
 JSON only (no result image): `label` ("neoplasm" | "no neoplasm"), `score` (probability of
-neoplasm: the maximum slice probability), `slice_probabilities`, `threshold`, `model_version`.
+neoplasm: the maximum slice probability), `slice_probabilities`, `threshold`, `model_version`,
+`latencies` (`total` seconds).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ Result image: uint8 mask (1 = tumour) in the input's own geometry (same array sh
 
 With `"attention": true` (and optionally `"slice": z`, default the most probable slice) the result
 image is instead the mean non-local-block attention heat map of that slice (float32, other slices
-0), for an overlay in 3D Slicer; the JSON then lists the block names under `attention_blocks`.
+0), for an overlay in 3D Slicer; the JSON then lists the block names under `attention_blocks` and
+the slice under `attention_slice`.
 """
 
 from __future__ import annotations
