@@ -42,10 +42,9 @@ def binary_entropy(p: np.ndarray) -> np.ndarray:
 def score_image(loaded: LoadedModel, config: AppConfig, datastore, image_id: str) -> dict[str, float | None]:
     """Disagreement with the original label (None without one) and lung uncertainty of one image."""
     image = load_image(Path(datastore.get_image_uri(image_id)), study_intensity(config, image_id))
-    probability = loaded.predictor.predict(image.array, image.intensity).probability
-    volume = probability if probability.ndim == 3 else probability[None]
     model_input = loaded.predictor.model_input(image.array, image.intensity)
     model_input = model_input if model_input.ndim == 3 else model_input[None]
+    volume, _ = loaded.predictor.predict_normalized(model_input)  # one intensity mapping for both uses
     lungs = np.stack([lung_region(plane) for plane in model_input])
     scores: dict[str, float | None] = {"uncertainty": float(binary_entropy(volume[lungs]).mean()), "disagreement": None}
     original = datastore.get_label_uri(image_id, "original")
