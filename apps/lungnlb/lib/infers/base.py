@@ -14,10 +14,26 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from lib.conf import AppConfig
 from lib.image_cache import ImageCache
+from lib.errors import bad_request
 from lib.images import load_image, study_intensity
 from lungnlb.io import ImageData
+from lungnlb.io.image import INTENSITY_KINDS
 
 RAW_RESULT_MAX_BYTES = 4 << 20  # results up to this many voxel bytes are sent as plain .nii
+
+
+def requested_slice(request: dict[str, Any]) -> int | None:
+    """The request's `slice` as a whole number, None when absent; 400 when it is not one."""
+    value = request.get("slice")
+    if value in (None, ""):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as error:
+        raise bad_request(f"slice {value!r} is not a whole number") from error
+    if not number.is_integer():
+        raise bad_request(f"slice {value!r} is not a whole number")
+    return int(number)
 
 
 class LungInferTask(InferTask):
@@ -40,6 +56,8 @@ class LungInferTask(InferTask):
         uploads and absolute paths are read every time.
         """
         intensity = request.get("intensity") or study_intensity(self.app_config, request.get("image_id"))
+        if intensity is not None and intensity not in INTENSITY_KINDS:
+            raise bad_request(f"intensity {intensity!r} is not one of {', '.join(INTENSITY_KINDS)}")
         path = Path(request["image"])
         if self.images is None or request.get("image_id") is None:
             return load_image(path, intensity)

@@ -28,7 +28,7 @@ import torch
 from lib.conf import AppConfig
 from lib.errors import bad_request, unprocessable
 from lib.image_cache import ImageCache
-from lib.infers.base import LungInferTask
+from lib.infers.base import LungInferTask, requested_slice
 from lib.model_store import ModelStore
 from lungnlb.inference import resize_batch
 from lungnlb.io import ImageData
@@ -72,7 +72,8 @@ class NLBSegmentationInfer(LungInferTask):
             "tumour_voxels": int(mask.sum()),
         }
         if str(request.get("attention", "false")).lower() == "true":
-            z = int(request.get("slice") if request.get("slice") not in (None, "") else slice_probabilities.argmax())
+            z = requested_slice(request)
+            z = int(slice_probabilities.argmax()) if z is None else z
             heat, names = attention_slice(loaded, image, z)
             path = self.write_result(heat, image.affine, np.float32)
             result.update({"attention_blocks": names, "attention_slice": z})

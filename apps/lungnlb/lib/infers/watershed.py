@@ -21,7 +21,7 @@ import numpy as np
 from lib.conf import AppConfig
 from lib.errors import bad_request, unprocessable
 from lib.image_cache import ImageCache
-from lib.infers.base import LungInferTask
+from lib.infers.base import LungInferTask, requested_slice
 from lungnlb.labels import box_to_mask, points_to_mask
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
@@ -86,9 +86,8 @@ def _points(value: Any, name: str) -> list[list[int]]:
 
 def _slice_index(request: dict[str, Any], points: list[list[int]], depth: int) -> int:
     """The slice to segment: `slice`, else the z of the clicks (all on one slice), else 0."""
-    if request.get("slice") not in (None, ""):
-        z = int(request["slice"])
-    else:
+    z = requested_slice(request)
+    if z is None:
         zs = {p[2] for p in points if len(p) == 3}
         if len(zs) > 1:
             raise bad_request(f"clicks lie on several slices {sorted(zs)}; give 'slice' or click on one slice")
