@@ -1,7 +1,9 @@
 """Checkpoints: a model's weights as a plain `state_dict` plus a JSON config beside them.
 
-A checkpoint named `run/best` is two files, both written atomically (temporary file in the same
-folder, then `os.replace`), so a reader never sees half a checkpoint:
+A checkpoint named `run/best` is two files, each written atomically (temporary file in the same
+folder, then `os.replace`), so a reader never sees half a file. The config is replaced first and
+the weights last: a reader that reloads when the `.pt` changes (the MONAI Label app) finds the
+matching config already in place.
 
     run/best.pt     state_dict (tensors only), loadable with `torch.load(..., weights_only=True)`
     run/best.json   config: everything needed to rebuild and use the model
@@ -74,7 +76,7 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: dict[str, Any]) -> Path:
-    """Write `<path>.pt` (state_dict) and `<path>.json` (config) atomically; return the .pt path.
+    """Write `<path>.json` (config), then `<path>.pt` (state_dict), each atomically; return the .pt path.
 
     `config["model"]` must name the registry model and its kwargs so `load_model` can rebuild it.
     """
@@ -84,8 +86,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: dict[str,
     full_config = {"format": FORMAT, "lungnlb_version": lungnlb.__version__, **config}
     text = json.dumps(full_config, indent=2, sort_keys=True, default=_json_default)
     state = _plain_state_dict(model)
-    atomic_write(weights_path, lambda stream: torch.save(state, stream))
     atomic_write(config_path, lambda stream: stream.write(text.encode("utf-8")))
+    atomic_write(weights_path, lambda stream: torch.save(state, stream))  # last: readers watch the .pt
     return weights_path
 
 
