@@ -445,3 +445,19 @@ def test_bad_inputs_get_4xx_and_leave_the_datastore_alone(client, workspace, tmp
         assert response.json()["detail"], f"{name}: no message"
         assert client.get("/info/").status_code == 200, f"server unhealthy after {name}"
     assert _snapshot(studies) == before
+
+
+def test_conf_checkpoint_must_be_a_segmentation_model(tmp_path):
+    sys.path.insert(0, str(APP_DIR))
+    from torch import nn
+
+    from lib.conf import parse_conf
+    from lungnlb.checkpoint import save_checkpoint
+
+    classifier = save_checkpoint(tmp_path / "classifier", nn.Linear(2, 1), {"model": {"name": "resnet50"}})
+    with pytest.raises(ValueError, match="classification-only"):
+        parse_conf(APP_DIR, tmp_path, {"checkpoint": str(classifier)})
+    with pytest.raises(ValueError, match="is not a file"):
+        parse_conf(APP_DIR, tmp_path, {"checkpoint": str(tmp_path / "missing.pt")})
+    segmenter = save_checkpoint(tmp_path / "segmenter", nn.Linear(2, 1), {"model": {"name": "unet_sl_nlb"}})
+    assert parse_conf(APP_DIR, tmp_path, {"checkpoint": str(segmenter)}).checkpoint == segmenter.resolve()

@@ -5,7 +5,7 @@
 Keys (all optional):
 
     models           "all" or a comma list of lung_nlb_seg, lung_nlb_cls, lung_watershed   [all]
-    checkpoint       weights to start from when nothing was published yet, or "none" to start
+    checkpoint       weights (of a segmentation model) to start from when nothing was published yet, or "none" to start
                      untrained even if lungnlb ships default weights       [lungnlb's shipped default]
     model_dir        where training publishes weights and train stats      [<app>/model]
     device           "auto", "cpu", "cuda" or "cuda:N"                       [auto: cuda if present]
@@ -25,6 +25,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lungnlb.checkpoint import read_config
+from lungnlb.networks import is_segmentation_model
 
 SEG_MODEL = "lung_nlb_seg"
 CLS_MODEL = "lung_nlb_cls"
@@ -95,13 +98,23 @@ def _non_negative(key: str, value: str) -> float:
     return number
 
 
+def _check_segmentation_checkpoint(path: Path) -> None:
+    """`--conf checkpoint` must be a weights file whose config names a segmentation model."""
+    if not path.is_file():
+        raise ValueError(f"--conf checkpoint: {path} is not a file")
+    name = read_config(path)["model"]["name"]
+    if not is_segmentation_model(name):
+        raise ValueError(f"--conf checkpoint: {path} holds {name}, a classification-only model; "
+                         "the app needs a segmentation model such as unet_sl_nlb")
+
+
 def parse_conf(app_dir: str | os.PathLike, studies: str | os.PathLike, conf: dict[str, str]) -> AppConfig:
     """Build an `AppConfig` from MONAI Label's conf dict; a bad value raises ValueError naming the key."""
     app_dir = Path(app_dir).resolve()
     model_dir = Path(conf.get("model_dir", app_dir / "model")).resolve()
     checkpoint = conf.get("checkpoint")
-    if checkpoint and checkpoint != "none" and not Path(checkpoint).is_file():
-        raise ValueError(f"--conf checkpoint: {checkpoint} is not a file")
+    if checkpoint and checkpoint != "none":
+        _check_segmentation_checkpoint(Path(checkpoint))
     tracking = conf.get("tracking", "mlflow").lower()
     if tracking not in ("mlflow", "none"):
         raise ValueError(f"--conf tracking: choose 'mlflow' or 'none', got {tracking!r}")
