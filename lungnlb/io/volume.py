@@ -62,21 +62,30 @@ def _nrrd_affine(header: dict, ndim: int) -> np.ndarray:
     return affine
 
 
+def nifti_image(array: np.ndarray, affine: np.ndarray, dtype: type = np.float32) -> nib.Nifti1Image:
+    """``array`` ((Z, Y, X) or (Y, X), `ImageData` order) as an in-memory NIfTI image.
+
+    The image holds the transpose (X, Y[, Z]) with ``affine`` as both qform and sform (code 1,
+    scanner) and mm units, so MONAI's LoadImage, ITK and 3D Slicer place it identically.
+    """
+    image = nib.Nifti1Image(np.asarray(array, dtype=dtype).T, np.asarray(affine, dtype=np.float64))
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return image
+
+
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype: type = np.float32) -> Path:
     """Write ``array`` ((Z, Y, X) or (Y, X), `ImageData` order) as NIfTI at ``path``, atomically.
 
-    The file holds the transpose (X, Y[, Z]) with ``affine`` as both qform and sform (code 1,
-    scanner), so MONAI's LoadImage, ITK and 3D Slicer place it identically. The data go to a
-    temporary file in the target folder first and are moved in place with ``os.replace``.
+    The header is `nifti_image`'s. The data go to a temporary file in the target folder first and
+    are moved in place with ``os.replace``.
     """
     path = Path(path)
     if array.ndim not in (2, 3):
         raise ValueError(f"{path}: write_nifti needs a 2D or 3D array, got shape {array.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(np.asarray(array, dtype=dtype).T, np.asarray(affine, dtype=np.float64))
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm")
+    image = nifti_image(array, affine, dtype)
     suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
@@ -18,6 +17,7 @@ from lib.errors import bad_request
 from lib.images import load_image, study_intensity
 from lungnlb.io import ImageData
 from lungnlb.io.image import INTENSITY_KINDS
+from lungnlb.io.volume import nifti_image
 
 RAW_RESULT_MAX_BYTES = 4 << 20  # results up to this many voxel bytes are sent as plain .nii
 
@@ -67,19 +67,14 @@ class LungInferTask(InferTask):
     def write_result(array: np.ndarray, affine: np.ndarray, dtype: type = np.uint8) -> Path:
         """Write a result in the image's geometry to a fresh temporary NIfTI file and return its path.
 
-        Same header as `lungnlb.io.write_nifti` (array transposed to (X, Y[, Z]), `affine` as both
-        qform and sform, code 1, mm). A small result (a slice: <= RAW_RESULT_MAX_BYTES of voxels)
+        The header is `lungnlb.io.volume.nifti_image`'s, as in every NIfTI file lungnlb writes. A small result (a slice: <= RAW_RESULT_MAX_BYTES of voxels)
         is written as plain `.nii`, which costs no compression on either side of a request; a
         larger one as `.nii.gz` (gzip level 1: a mask compresses ~200x, which matters on a real
         network). Nobody else sees the file until it is returned, so it is written in place.
         """
-        data = np.asarray(array, dtype=dtype)
-        image = nib.Nifti1Image(data.T, np.asarray(affine, dtype=np.float64))
-        image.set_qform(affine, code=1)
-        image.set_sform(affine, code=1)
-        image.header.set_xyzt_units("mm")
+        image = nifti_image(array, affine, dtype)
         content = image.to_bytes()
-        compress = data.nbytes > RAW_RESULT_MAX_BYTES
+        compress = image.dataobj.nbytes > RAW_RESULT_MAX_BYTES
         if compress:
             content = gzip.compress(content, compresslevel=1, mtime=0)
         handle, name = tempfile.mkstemp(prefix="lungnlb_", suffix=".nii.gz" if compress else ".nii")
