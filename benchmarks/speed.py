@@ -31,10 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lungnlb.runtime import HUGE_PAGES, enable_huge_pages  # noqa: E402
+
+enable_huge_pages()  # as the lungnlb command and the server do; THP_MEM_ALLOC_ENABLE=0 measures without
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
 from lungnlb.networks import build_model, list_models  # noqa: E402
 
 SIZE = 512
@@ -133,7 +136,8 @@ def summarise(models, times, matmul_times, memory, subject_flops) -> dict:
         }
         for name in models
     }
-    report = {"input": [1, 1, SIZE, SIZE], "threads": torch.get_num_threads(), "models": rows,
+    report = {"input": [1, 1, SIZE, SIZE], "threads": torch.get_num_threads(), HUGE_PAGES: os.environ.get(HUGE_PAGES),
+              "models": rows,
               "matmul": {"n": MATMUL_N, "gflops": matmul_gflops, "gflops_best": matmul_gflops_best,
                          "runs_s": matmul_times}}
     if SUBJECT in models:
@@ -165,7 +169,8 @@ def targets(rows: dict, subject_flops: dict, latency: str, ratio: str, fraction:
 
 
 def print_table(report: dict) -> None:
-    print(f"input 1x1x{SIZE}x{SIZE}, CPU, {report['threads']} threads, {len(report['matmul']['runs_s'])} interleaved rounds")
+    print(f"input 1x1x{SIZE}x{SIZE}, CPU, {report['threads']} threads, {len(report['matmul']['runs_s'])} interleaved rounds, "
+          f"{HUGE_PAGES}={report[HUGE_PAGES]}")
     header = (f"{'model':<20}{'params':>12}{'x unet':>8}{'median ms':>11}{'x unet':>8}{'min ms':>9}{'x unet':>8}"
               f"{'peak MiB':>10}{'x unet':>8}")
     print(header)

@@ -14,6 +14,7 @@ Config keys (written by `lungnlb train`; `save_checkpoint` only requires "model"
     input_size     [H, W] the slices are resized to before the forward pass
     intensity      {"window": [centre, width] or null}: arguments of `lungnlb.io.intensity.to_model_input`
     threshold      probability above which a pixel / slice counts as tumour
+    cls_logit_offset  subtracted from the cls logit before the sigmoid (validation-calibrated; default 0)
     training_data  summary of what the model was trained on (sources, counts, licences)
     metrics        validation / held-out figures
     lungnlb_version, format   added by `save_checkpoint`

@@ -9,6 +9,10 @@ import argparse
 import importlib
 import sys
 
+from lungnlb.runtime import enable_huge_pages
+
+enable_huge_pages()  # before any command imports torch
+
 # sub-command name -> module that implements it
 COMMANDS = {
     "demo": "lungnlb.commands.demo",

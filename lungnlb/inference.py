@@ -6,7 +6,7 @@ to the checkpoint's `input_size`, runs the model in batches and resizes the mask
 back to the slice's own size (bilinear):
 
     array (Z, Y, X) or (Y, X)  ->  probability (Z, Y, X) or (Y, X) float32 in [0, 1]
-                                   slice_probability (Z,) or scalar: sigmoid of the "cls" head
+                                   slice_probability (Z,) or scalar: sigmoid(cls logit - cls_logit_offset)
 
 Classification-only models return `probability=None`.
 """
@@ -83,6 +83,11 @@ class Predictor:
         return cls(model, config, device=device, batch_size=batch_size)
 
     @property
+    def cls_logit_offset(self) -> float:
+        """Subtracted from the cls logit: the validation-calibrated operating point (see lungnlb.training.trainer)."""
+        return float(self.config.get("cls_logit_offset", 0.0))
+
+    @property
     def threshold(self) -> float:
         return float(self.config.get("threshold", 0.5))
 
@@ -117,7 +122,7 @@ class Predictor:
             batch = torch.from_numpy(np.ascontiguousarray(volume[start : start + self.batch_size], dtype=np.float32))
             batch = resize_batch(batch[:, None].to(self.device), self.input_size)
             output = self.model(batch)
-            scores.append(torch.sigmoid(output["cls"].float()).reshape(-1).cpu())
+            scores.append(torch.sigmoid(output["cls"].float() - self.cls_logit_offset).reshape(-1).cpu())
             if "seg" in output:
                 seg = torch.sigmoid(resize_batch(output["seg"].float(), size))
                 masks.append(seg[:, 0].cpu())

@@ -9,8 +9,11 @@ row, top row with the first row of the bottom half (a translation, not a mirror 
 
 The paper divides the halves' dot product by its own absolute value, which reduces theta to a
 sign; the cosine similarity is the non-degenerate reading. Computed in float32 from the 2 x 2 Gram
-matrix of the two halves (one batched matrix product), after scaling each sample to max |x| = 1 so
-that no square overflows; never NaN.
+matrix of the two halves (one batched matrix product). Where a square overflows to inf or
+underflows (a squared norm below 1e-30, including halves that are exactly zero), the Gram matrix is
+recomputed after scaling each sample to max |x| = 1, so theta is never NaN; the first product
+alone serves ordinary activations without an extra pass over the map. Under `torch.jit.trace`
+the scaled path is always taken, so a traced model keeps the guarantee.
 """
 
 from __future__ import annotations
@@ -26,13 +29,22 @@ def symmetry_gate(x: torch.Tensor, grid: int) -> torch.Tensor:
     batch = x.shape[0]
     tiny = torch.finfo(torch.float32).tiny
     with torch.autocast(device_type=x.device.type, enabled=False):
-        halves = cell_halves(x, grid).reshape(batch, -1)
-        peak = torch.linalg.vector_norm(halves, ord=float("inf"), dim=1, keepdim=True)
-        halves = (halves / peak.clamp(min=tiny)).reshape(batch * grid * grid, 2, -1)
+        halves = cell_halves(x, grid)
         gram = torch.bmm(halves, halves.transpose(1, 2))  # [[|t|^2, t.b], [t.b, |b|^2]] per cell
+        if torch.jit.is_tracing() or not well_scaled(gram):
+            flat = halves.reshape(batch, -1)
+            peak = torch.linalg.vector_norm(flat, ord=float("inf"), dim=1, keepdim=True)
+            halves = (flat / peak.clamp(min=tiny)).reshape(halves.shape)
+            gram = torch.bmm(halves, halves.transpose(1, 2))
     norms = (gram[:, 0, 0] * gram[:, 1, 1]).sqrt()
     theta = torch.where(norms > 0, gram[:, 0, 1] / norms.clamp(min=tiny), 0.0)
     return theta.clamp(-1.0, 1.0).reshape(batch, grid * grid)
+
+
+def well_scaled(gram: torch.Tensor) -> bool:
+    """True if every squared half-norm on the Gram diagonals is finite and at least 1e-30."""
+    squares = torch.diagonal(gram, dim1=1, dim2=2)
+    return bool(((squares >= 1e-30) & (squares < float("inf"))).all())
 
 
 def cell_halves(x: torch.Tensor, grid: int) -> torch.Tensor:

@@ -87,6 +87,25 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: fl
     }
 
 
+def f1_best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The score threshold with the highest F1 (midway between the two scores it separates).
+
+    Candidates: predict the k highest scores positive, k = 1..n; 0.5 when there are no positives.
+    """
+    scores, labels = np.asarray(scores, float), np.asarray(labels).astype(bool)
+    if not labels.any():
+        return 0.5
+    order = np.argsort(-scores, kind="stable")
+    ranked, hits = scores[order], labels[order]
+    true_positives = np.cumsum(hits)
+    predicted = np.arange(1, len(ranked) + 1)
+    f1 = 2 * true_positives / (predicted + labels.sum())
+    distinct = np.append(ranked[1:] < ranked[:-1], True)  # a cut must fall between different scores
+    k = int(np.argmax(np.where(distinct, f1, -1.0)))
+    below = ranked[k + 1] if k + 1 < len(ranked) else max(ranked[k] - 1e-3, 0.0)
+    return float((ranked[k] + below) / 2)
+
+
 def precision_recall_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Precision and recall at every distinct score threshold (descending scores)."""
     order = np.argsort(-np.asarray(scores, float), kind="stable")

@@ -10,10 +10,13 @@ The segmentation path is exactly MONAI's BasicUNet; the additions are
   ("neoplasm present").
 
 Speed, without changing parameters or state_dict keys: instance norm runs on the group-norm kernel
-(`FastInstanceNorm2d`), and the decoder skips MONAI UpCat's replicate padding, a copy that pads by
-zero pixels for the sizes accepted here. The network stays NCHW: channels_last speeds up oneDNN's
-convolutions but torch's channels_last normalisation kernels are either slower or inaccurate
-(see `instance_norm.py`), and the two effects cancel (docs/method.md, speed section).
+(`FastInstanceNorm2d`), the decoder skips MONAI UpCat's replicate padding (a copy that pads by
+zero pixels for the sizes accepted here), the final 1x1 convolution is a matrix product
+(`PointwiseConv2d`), and inference runs channels_last (NHWC): the input is given NHWC strides
+(a view for one channel), every convolution, pooling and block then keeps that layout, and
+oneDNN's 3x3 convolutions and max pooling are 1.7x and ~10x faster in it on CPU. Training
+(autograd recording) stays NCHW, where torch's instance-norm backward is accurate
+(docs/method.md, speed section).
 
 `forward(x)` returns {"seg": (B, 1, H, W) logits, "cls": (B, 1) logits}; with
 `return_attention=True` also {"attention": {block name: (B, n*n, n*n)}}.
@@ -29,6 +32,7 @@ from monai.networks.nets import BasicUNet
 from torch import nn
 
 from ..blocks import NonLocalBlock2d
+from ..blocks.pointwise import PointwiseConv2d
 from .instance_norm import use_fast_instance_norm
 
 FEATURES = (32, 32, 64, 128, 256, 32)
@@ -52,6 +56,15 @@ def check_input_size(x: torch.Tensor, divisor: int, name: str) -> None:
     height, width = x.shape[-2:]
     if height % divisor or width % divisor:
         raise ValueError(f"{name} needs height and width divisible by {divisor}, got {height}x{width}")
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W) with NHWC strides: a view when C == 1 (where `Tensor.contiguous` would keep
+    NCHW strides, the two layouts holding the same bytes), else a copy unless already NHWC."""
+    if x.shape[1] == 1:
+        batch, _, height, width = x.shape
+        return x.contiguous().as_strided(x.shape, (height * width, 1, width, 1))
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 class SegClsUNet(nn.Module):
@@ -86,6 +99,9 @@ class SegClsUNet(nn.Module):
         self.unet = use_fast_instance_norm(
             BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=1, features=features)
         )
+        final = self.unet.final_conv  # same parameters and state_dict keys, computed as one matrix product
+        self.unet.final_conv = PointwiseConv2d(final.in_channels, final.out_channels)
+        self.unet.final_conv.load_state_dict(final.state_dict())
         self.nlb = nn.ModuleDict(
             {
                 f"level{level}": NonLocalBlock2d(features[level], grid, nlb_variant, inner_channels, distance)
@@ -99,6 +115,8 @@ class SegClsUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, return_attention: bool = False) -> dict:
         check_input_size(x, self.size_divisor, self.name)
+        if not torch.is_grad_enabled():
+            x = channels_last(x)
         unet, attention = self.unet, {}
         skips = [unet.conv_0(x)]
         for level, down in enumerate((unet.down_1, unet.down_2, unet.down_3, unet.down_4), start=1):

@@ -3,7 +3,10 @@
 One step = one batch per process. Batches are drawn with replacement from the training slices;
 `seg_fraction` (when set) is the expected share of slices with a mask in a batch, so the few
 segmentation slices are not drowned by the many classification-only ones. Validation (rank 0)
-runs every `val_every` steps and at the end; `best` keeps the highest validation score
+runs every `val_every` steps and at the end; it also calibrates the classification head: the
+threshold with the best validation F1 is stored as `cls_logit_offset` (its logit) in the
+checkpoint config, and `Predictor` subtracts it from the cls logit, so that the operating point
+chosen on validation data is probability 0.5 everywhere. `best` keeps the highest validation score
 (mean of Dice over tumour slices and F1, whichever exist), `last` the latest weights plus the
 optimiser state for `--resume`. Learning rate: linear warm-up over 5% of the steps, then cosine to 0.
 """
@@ -25,7 +28,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from lungnlb.checkpoint import load_training_state, save_checkpoint, save_training_state
-from lungnlb.evaluation.metrics import classification_metrics, per_slice_segmentation, summarize_segmentation
+from lungnlb.evaluation.metrics import (
+    classification_metrics,
+    f1_best_threshold,
+    per_slice_segmentation,
+    summarize_segmentation,
+)
 from lungnlb.training.augment import train_transforms
 from lungnlb.training.dataset import SliceDataset, SliceSample, load_slices, read_records
 from lungnlb.training.loss import MultiTaskLoss
@@ -54,6 +62,7 @@ class TrainConfig:
     seg_weight: float = 1.0
     cls_weight: float = 1.0
     seg_fraction: float | None = 0.5
+    balance_classes: bool = True
     grad_clip: float = 1.0
     seed: int = 0
     val_every: int = 200
@@ -100,6 +109,13 @@ def sample_weights(samples: list[SliceSample], seg_fraction: float | None) -> np
     if seg_fraction is None or has_mask.all() or not has_mask.any():
         return np.ones(len(samples))
     return np.where(has_mask, seg_fraction / has_mask.sum(), (1 - seg_fraction) / (~has_mask).sum())
+
+
+def balanced_pos_weight(samples: list[SliceSample], weights: np.ndarray) -> float | None:
+    """(drawn share of negatives) / (drawn share of positives) among labelled samples; None if a class is absent."""
+    labels = np.array([-1 if s.class_label is None else int(s.class_label) for s in samples])
+    positive, negative = weights[labels == 1].sum(), weights[labels == 0].sum()
+    return float(negative / positive) if positive > 0 and negative > 0 else None
 
 
 def seed_everything(seed: int) -> None:
@@ -156,8 +172,17 @@ def validation_metrics(model: nn.Module, samples: list[SliceSample], device: tor
     cls_index = [i for i, s in enumerate(samples) if s.class_label is not None]
     if cls_index:
         labels = np.array([samples[i].class_label for i in cls_index])
-        metrics.update(classification_metrics(scores[cls_index], labels))
+        threshold = f1_best_threshold(scores[cls_index], labels)
+        metrics.update(classification_metrics(scores[cls_index], labels, threshold))
+        metrics["cls_logit_offset"] = logit_offset(threshold)
     return metrics
+
+
+def logit_offset(threshold: float, limit: float = 8.0) -> float:
+    """The logit of `threshold` (clipped to +-limit): subtracting it from the cls logit moves that
+    threshold to probability 0.5, the decision point of every consumer of a checkpoint."""
+    threshold = min(max(threshold, 1e-6), 1 - 1e-6)
+    return float(np.clip(math.log(threshold / (1 - threshold)), -limit, limit))
 
 
 def validation_score(metrics: dict[str, Any]) -> float:
@@ -227,6 +252,7 @@ def checkpoint_config(config: TrainConfig, summary: dict[str, Any], metrics: dic
         "input_size": [config.input_size, config.input_size],
         "intensity": {"mapping": "lungnlb.io.intensity.to_model_input", "window": None},
         "threshold": 0.5,
+        "cls_logit_offset": metrics.get("cls_logit_offset", 0.0),
         "training_data": summary,
         "metrics": metrics,
         "step": step,
@@ -258,7 +284,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"no labelled training slices in {config.data} for split {split_path}")
 
     model = build_network(config).to(device)
-    criterion = MultiTaskLoss(config.seg_weight if segmentation else 0.0, config.cls_weight)
+    weights = sample_weights(train_samples, config.seg_fraction)
+    pos_weight = balanced_pos_weight(train_samples, weights) if config.balance_classes else None
+    criterion = MultiTaskLoss(config.seg_weight if segmentation else 0.0, config.cls_weight, pos_weight).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps))
     use_amp = config.amp and device.type == "cuda"
@@ -278,7 +306,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     transform = train_transforms(config.seed * 1000 + rank + step) if config.augment else None
-    sampler = WeightedShardSampler(sample_weights(train_samples, config.seg_fraction), config.seed, rank, world_size)
+    sampler = WeightedShardSampler(weights, config.seed, rank, world_size)
     loader = DataLoader(SliceDataset(train_samples, transform), batch_size=config.batch_size, sampler=sampler,
                         num_workers=config.num_workers, drop_last=False)
     batches = _infinite_batches(loader, sampler, epoch=step // max(1, len(loader)))
