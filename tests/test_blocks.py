@@ -194,6 +194,13 @@ def test_symmetry_gate_same_in_channels_last():
     assert math.isclose(float(gate[1, 5]), naive_cosine(x_cell[:, :2], x_cell[:, 2:]), rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1e25, 1e-25])
+def test_symmetry_gate_is_scale_invariant_where_squares_overflow_or_underflow(scale):
+    # squares of 1e25 overflow float32 and squares of 1e-25 underflow: the gate rescales and agrees
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(symmetry_gate(x * scale, 2), symmetry_gate(x, 2), rtol=1e-4, atol=1e-5)
+
+
 def test_symmetry_gate_zero_half_gives_zero_not_nan():
     x = torch.zeros(1, 2, 4, 4)
     x[:, :, :2] = torch.randn(1, 2, 2, 4)  # bottom half all zero

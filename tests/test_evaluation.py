@@ -17,6 +17,7 @@ from lungnlb.evaluation.metrics import (
     bootstrap_ci,
     classification_metrics,
     dice_iou,
+    f1_best_threshold,
     per_slice_segmentation,
     summarize_segmentation,
 )
@@ -57,6 +58,17 @@ def test_classification_metrics_by_hand():
     assert metrics["f1"] == pytest.approx(0.4)
     # ranking 1, 0, 1: AP = 0.5 * 1 + 0.5 * 2/3
     assert average_precision(np.array([0.9, 0.8, 0.7]), np.array([1, 0, 1])) == pytest.approx(5 / 6)
+
+
+def test_f1_best_threshold_by_hand():
+    scores, labels = np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.2]), np.array([1, 1, 0, 1, 0, 0])
+    # cut after 0.6: tp 3, fp 1, fn 0 -> F1 6/7, better than after 0.8 (F1 0.8) or 0.9 (F1 0.5)
+    threshold = f1_best_threshold(scores, labels)
+    assert threshold == pytest.approx(0.45)
+    assert classification_metrics(scores, labels, threshold)["f1"] == pytest.approx(6 / 7)
+    # tied scores cannot be split: the cut goes below the whole tie
+    assert f1_best_threshold(np.array([0.7, 0.7, 0.2]), np.array([1, 0, 0])) == pytest.approx(0.45)
+    assert f1_best_threshold(np.array([0.4, 0.1]), np.array([0, 0])) == 0.5
 
 
 def test_bootstrap_interval_brackets_the_mean():

@@ -116,6 +116,20 @@ def test_fast_instance_norm_matches_float64_instance_norm(memory_format):
     assert set(norm.state_dict()) == {"weight", "bias"}
 
 
+def test_inference_runs_channels_last_and_training_nchw():
+    model = build_model("unet_sl_nlb").eval()
+    layouts = []
+    model.unet.down_1.register_forward_hook(
+        lambda module, inputs, output: layouts.append(output.is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 1, 128, 128)
+    with torch.no_grad():
+        fast = model(x)
+    slow = model(x)  # autograd recording: the NCHW path
+    assert layouts == [True, False]
+    torch.testing.assert_close(fast["seg"], slow["seg"].detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast["cls"], slow["cls"].detach(), rtol=1e-4, atol=1e-4)
+
+
 def test_nlb_unet_equals_unet_at_initialisation():
     # the blocks start as the identity, so with the same backbone weights the outputs agree
     unet, nlb = build_model("unet").eval(), build_model("unet_sl_nlb").eval()

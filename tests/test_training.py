@@ -108,11 +108,45 @@ def test_loss_ignores_missing_labels():
     assert output["cls"].grad[1].abs().sum() == 0 and output["seg"].grad.abs().sum() == 0
 
 
+def test_pos_weight_balances_the_classes_drawn():
+    from lungnlb.training.trainer import balanced_pos_weight
+    from lungnlb.training.dataset import SliceSample
+
+    def sample(label):
+        return SliceSample(image_id="x", case="c", source="s", z=0, image=np.zeros((4, 4), np.float32), mask=None,
+                           class_label=label)
+
+    samples = [sample(1), sample(1), sample(1), sample(0), sample(None)]
+    # uniform draws: 3 positives for 1 negative -> a positive term weighs 1/3
+    assert balanced_pos_weight(samples, np.ones(5)) == pytest.approx(1 / 3)
+    assert balanced_pos_weight(samples, np.array([1, 1, 1, 6, 9.0])) == pytest.approx(2.0)
+    assert balanced_pos_weight(samples[:3], np.ones(3)) is None
+    loss = MultiTaskLoss(0.0, 1.0, pos_weight=0.25)
+    batch = {"label": torch.tensor([[1.0], [0.0]]), "has_label": torch.tensor([True, True])}
+    total, _ = loss({"cls": torch.zeros(2, 1)}, batch)
+    assert total.item() == pytest.approx((0.25 + 1.0) / 2 * np.log(2))
+    with pytest.raises(ValueError, match="pos_weight"):
+        MultiTaskLoss(pos_weight=0.0)
+
+
+def test_predictor_applies_the_calibrated_logit_offset(tmp_path):
+    model = build_model("unet_sl_nlb", **TINY_KWARGS)
+    config = {"model": {"name": "unet_sl_nlb", "kwargs": TINY_KWARGS, "in_channels": 1}, "input_size": [32, 32]}
+    save_checkpoint(tmp_path / "plain", model, config)
+    save_checkpoint(tmp_path / "shifted", model, {**config, "cls_logit_offset": 2.0})
+    image = np.full((40, 40), -700.0, np.float32)
+    plain = Predictor.from_checkpoint(tmp_path / "plain.pt").predict(image, "hu").slice_probability
+    shifted = Predictor.from_checkpoint(tmp_path / "shifted.pt").predict(image, "hu").slice_probability
+    logit = np.log(plain / (1 - plain))
+    assert shifted == pytest.approx(1 / (1 + np.exp(-(logit - 2.0))), rel=1e-4)
+
+
 def test_train_writes_checkpoints_split_and_resumes(tmp_path):
     studies = synthetic_studies(tmp_path)
     result = train(tiny_config(studies, tmp_path / "run", steps=2))
     config = read_config(result["best"])
     assert config["input_size"] == [32, 32] and config["step"] == 2
+    assert config["cls_logit_offset"] == config["metrics"]["cls_logit_offset"]  # calibrated on validation
     assert "synthetic" in config["training_data"]["sources"]
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert set(split["cases"]) == {"train", "val", "test"}

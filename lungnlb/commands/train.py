@@ -38,6 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-data", action="store_true", help="train on every case (no validation / test)")
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
     parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--no-balance-classes", action="store_true",
+                        help="plain BCE instead of weighting positives by the drawn negative/positive ratio")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt and its optimiser state")
@@ -70,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
         seg_fraction=None if args.seg_fraction < 0 else args.seg_fraction, grad_clip=args.grad_clip,
         seed=args.seed, val_every=args.val_every, split=str(args.split) if args.split else None,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, all_data=args.all_data,
-        amp=not args.no_amp, augment=not args.no_augment, device=args.device, num_workers=args.num_workers,
-        resume=args.resume,
+        amp=not args.no_amp, augment=not args.no_augment, balance_classes=not args.no_balance_classes,
+        device=args.device, num_workers=args.num_workers, resume=args.resume,
     )
     result = train(config)
     print(json.dumps({"best": str(result["best"]), "last": str(result["last"]), "split": str(result["split"]),
