@@ -30,10 +30,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import requests
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from lungnlb.runtime import HUGE_PAGES, enable_huge_pages  # noqa: E402
+
+enable_huge_pages()  # here and, through the environment, in the server, as scripts/serve_sample.sh does
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+
 sys.path.insert(0, str(REPO / "tests"))
 from app_support import build_studies, tiny_checkpoint  # noqa: E402
 from test_app_server import start_server, stop_server  # noqa: E402
@@ -97,7 +102,7 @@ def main() -> int:
     ids = build_studies(root / "studies", slices_per_file=2, files=1)
     volume_id = make_volume(root / "studies")
     checkpoint = args.checkpoint or default_checkpoint_path() or tiny_checkpoint(root / "ckpt" / "model")
-    print(f"load average {load_average()}; checkpoint {checkpoint}")
+    print(f"load average {load_average()}; checkpoint {checkpoint}; {HUGE_PAGES}={os.environ.get(HUGE_PAGES)}")
     conf = {"checkpoint": str(checkpoint), "model_dir": str(root / "model"), "device": "auto"}
     # no start-up scoring run: it would infer every image in a subprocess while we measure
     process, url = start_server(root / "studies", conf, root / "server.log", {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})

@@ -13,7 +13,8 @@ f, g, h: C -> C' (queries, keys, values), v: C' -> C and W: C -> C applied per p
     Y     = W(O) + X
 
 W is a bias-free 1x1 convolution (v carries the bias) that starts at zero, so the block is the
-identity at initialisation; W receives gradient from the first step and the projections from the
+identity at initialisation (at inference, without autograd, W and v are applied as their product,
+one C' -> C matrix, since no non-linearity lies between them); W receives gradient from the first step and the projections from the
 step after (once W is non-zero). Logits that overflow float32 saturate at +-max (never NaN).
 
 Memory format: the block keeps its input's layout. For NCHW input a token is flattened over
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from .locality import DISTANCES, locality_weights
-from .pointwise import PointwiseConv2d, is_channels_last
+from .pointwise import PointwiseConv2d, is_channels_last, pointwise_conv
 from .symmetry import symmetry_gate
 from .tokenize import check_grid_divides, grid_to_tokens, tokens_to_grid
 
@@ -98,8 +99,17 @@ class NonLocalBlock2d(nn.Module):
             mixed = self._grid_channels_last(attended, height, width)
         else:
             mixed = tokens_to_grid(attended, self.grid, self.inner_channels, height, width)
-        y = self.residual(self.out(mixed.to(x.dtype)), add=x)
+        y = self._project(mixed.to(x.dtype), x)
         return (y, attention) if return_attention else y
+
+    def _project(self, mixed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Y = W(v(O)) + X. Without autograd, W v is one C' -> C product: (W W_v) O + W b_v + X."""
+        if torch.is_grad_enabled():
+            return self.residual(self.out(mixed), add=x)
+        residual = self.residual.weight.flatten(1)
+        weight = residual @ self.out.weight.flatten(1)
+        bias = residual @ self.out.bias
+        return pointwise_conv(mixed, weight.to(mixed.dtype), bias.to(mixed.dtype), add=x)
 
     def _tokens(self, fused: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """NCHW (B, 3C', H, W) -> q, k, v tokens (B, n*n, C'*ph*pw), flattened over (C', ph, pw)."""

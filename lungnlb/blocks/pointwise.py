@@ -30,34 +30,45 @@ class PointwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, H, W); `add` (B, C_out, H, W) is added to the result."""
-        if is_channels_last(x):
-            return self._forward_channels_last(x, add)
-        batch, _, height, width = x.shape
-        pixels = height * width
-        weight = self.weight.reshape(1, self.out_channels, self.in_channels).expand(batch, -1, -1)
-        flat = x.reshape(batch, self.in_channels, pixels)
-        base = self._base(add.reshape(batch, self.out_channels, pixels) if add is not None else None, (1, -1, 1))
-        if base is None:
-            return torch.bmm(weight, flat).reshape(batch, self.out_channels, height, width)
-        return torch.baddbmm(base.expand(batch, -1, pixels), weight, flat).reshape(batch, self.out_channels, height, width)
+        return pointwise_conv(x, self.weight.reshape(self.out_channels, self.in_channels), self.bias, add)
 
-    def _forward_channels_last(self, x: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
-        batch, _, height, width = x.shape
-        pixels = height * width
-        weight_t = self.weight.reshape(self.out_channels, self.in_channels).t().expand(batch, -1, -1)
-        flat = x.permute(0, 2, 3, 1).reshape(batch, pixels, self.in_channels)  # a view for NHWC
-        if add is not None:
-            add = add.permute(0, 2, 3, 1).reshape(batch, pixels, self.out_channels)
-        base = self._base(add, (1, 1, -1))
-        if base is None:
-            y = torch.bmm(flat, weight_t)
-        else:
-            y = torch.baddbmm(base.expand(batch, pixels, -1), flat, weight_t)
-        return y.reshape(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
 
-    def _base(self, add: torch.Tensor | None, bias_shape: tuple[int, ...]) -> torch.Tensor | None:
-        """add + bias (either may be absent), or None when both are."""
-        bias = self.bias.reshape(bias_shape) if self.bias is not None else None
-        if add is None:
-            return bias
-        return add + bias if bias is not None else add
+def pointwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, add: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y[b, :, p] = weight @ x[b, :, p] + bias (+ add[b, :, p]); x (B, C_in, H, W), weight (C_out, C_in)."""
+    if is_channels_last(x):
+        return _pointwise_channels_last(x, weight, bias, add)
+    batch, in_channels, height, width = x.shape
+    out_channels, pixels = weight.shape[0], height * width
+    expanded = weight.reshape(1, out_channels, in_channels).expand(batch, -1, -1)
+    flat = x.reshape(batch, in_channels, pixels)
+    base = _base(add.reshape(batch, out_channels, pixels) if add is not None else None, bias, (1, -1, 1))
+    if base is None:
+        return torch.bmm(expanded, flat).reshape(batch, out_channels, height, width)
+    return torch.baddbmm(base.expand(batch, -1, pixels), expanded, flat).reshape(batch, out_channels, height, width)
+
+
+def _pointwise_channels_last(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add: torch.Tensor | None
+) -> torch.Tensor:
+    batch, in_channels, height, width = x.shape
+    out_channels, pixels = weight.shape[0], height * width
+    weight_t = weight.t().expand(batch, -1, -1)
+    flat = x.permute(0, 2, 3, 1).reshape(batch, pixels, in_channels)  # a view for NHWC
+    if add is not None:
+        add = add.permute(0, 2, 3, 1).reshape(batch, pixels, out_channels)
+    base = _base(add, bias, (1, 1, -1))
+    if base is None:
+        y = torch.bmm(flat, weight_t)
+    else:
+        y = torch.baddbmm(base.expand(batch, pixels, -1), flat, weight_t)
+    return y.reshape(batch, height, width, out_channels).permute(0, 3, 1, 2)
+
+
+def _base(add: torch.Tensor | None, bias: torch.Tensor | None, bias_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """add + bias (either may be absent), or None when both are."""
+    bias = bias.reshape(bias_shape) if bias is not None else None
+    if add is None:
+        return bias
+    return add + bias if bias is not None else add
