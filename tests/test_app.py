@@ -461,3 +461,40 @@ def test_conf_checkpoint_must_be_a_segmentation_model(tmp_path):
         parse_conf(APP_DIR, tmp_path, {"checkpoint": str(tmp_path / "missing.pt")})
     segmenter = save_checkpoint(tmp_path / "segmenter", nn.Linear(2, 1), {"model": {"name": "unet_sl_nlb"}})
     assert parse_conf(APP_DIR, tmp_path, {"checkpoint": str(segmenter)}).checkpoint == segmenter.resolve()
+
+
+def test_score_cache_scores_without_the_lock_and_keeps_scores_before_a_failure(tmp_path):
+    from types import SimpleNamespace
+
+    from filelock import FileLock
+
+    sys.path.insert(0, str(APP_DIR))
+    from lib.activelearning.scores import ScoreCache
+
+    images = {name: tmp_path / f"{name}.nii" for name in ("a", "b", "c")}
+    for path in images.values():
+        path.write_bytes(b"image")
+    datastore = SimpleNamespace(get_image_uri=lambda i: str(images[i]), get_label_uri=lambda i, tag: None)
+    config = SimpleNamespace(state_dir=tmp_path / "state", studies=tmp_path)
+    store = SimpleNamespace(get=lambda: SimpleNamespace(version="v1"))
+    lock_path = config.state_dir / "scores" / "v1.json.lock"
+    scored = []
+
+    def score(loaded, config, datastore, image_id):
+        with FileLock(str(lock_path), timeout=0):  # raises Timeout if the cache held its lock while scoring
+            pass
+        if image_id == "b":
+            raise RuntimeError("unreadable image b")
+        scored.append(image_id)
+        return {"uncertainty": 0.5, "disagreement": None}
+
+    cache = ScoreCache(config, store, score)
+    with pytest.raises(RuntimeError, match="unreadable image b"):
+        cache.scores(datastore, ["a", "b", "c"])
+    saved = json.loads((config.state_dir / "scores" / "v1.json").read_text())
+    assert set(saved) == {"a"}  # a's score survived b's failure
+    images["b"].write_bytes(b"fixed")
+    cache.score = lambda loaded, config, datastore, image_id: scored.append(image_id) or {"uncertainty": 0.1}
+    version, scores = cache.scores(datastore, ["a", "b", "c"])
+    assert version == "v1" and scored == ["a", "b", "c"]  # a was not scored again
+    assert scores["a"]["uncertainty"] == 0.5 and scores["b"]["uncertainty"] == 0.1

@@ -6,9 +6,11 @@
                    H(p) = -(p log2 p + (1 - p) log2 (1 - p)) in [0, 1]
 
 Both come from one forward pass per image. The cache is `<studies>/.lungnlb/scores/<version>.json`
-({image_id: {"disagreement": float | null, "uncertainty": float, "inputs": stamp}}), written
-atomically under a file lock, so a new model version starts a new cache and old scores are never
-mixed in. `stamp` records (mtime_ns, size) of the image, its `original` label and its sidecar: an
+({image_id: {"disagreement": float | null, "uncertainty": float, "inputs": stamp}}), so a new
+model version starts a new cache and old scores are never mixed in. Images are scored without
+holding the cache's file lock (scoring a study set takes minutes); the new scores are then merged
+into the file as it is at that moment, under the lock, atomically, and also when scoring stops
+at a failing image, so the scores computed before it are kept. `stamp` records (mtime_ns, size) of the image, its `original` label and its sidecar: an
 entry whose files changed since it was scored is scored again.
 `ModelScoring` is the MONAI Label scoring method (`POST /scoring/lung_nlb_scores`) that fills it.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -69,26 +72,39 @@ def input_stamp(config: AppConfig, datastore, image_id: str) -> list:
 
 
 class ScoreCache:
-    """Scores of the current model version for the images that need them (computed on a miss)."""
+    """Scores of the current model version for the images that need them (computed on a miss).
 
-    def __init__(self, config: AppConfig, store: ModelStore):
+    `score` is the per-image scoring function (`score_image`; replaceable for tests)."""
+
+    def __init__(self, config: AppConfig, store: ModelStore, score: Callable[..., dict] = score_image):
         self.config = config
         self.store = store
+        self.score = score
 
     def scores(self, datastore, image_ids: list[str]) -> tuple[str, dict[str, dict[str, Any]]]:
         """(model version, {image_id: scores}) for `image_ids`, computing and caching missing ones."""
         loaded = self.store.get()
         path = self.config.state_dir / "scores" / f"{loaded.version}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):
-            cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-            stamps = {i: input_stamp(self.config, datastore, i) for i in image_ids}
-            missing = [i for i in image_ids if cached.get(i, {}).get("inputs") != stamps[i]]
-            for image_id in missing:
-                cached[image_id] = {**score_image(loaded, self.config, datastore, image_id), "inputs": stamps[image_id]}
-            if missing:
-                atomic_write_text(path, json.dumps(cached, indent=1))
+        lock = FileLock(str(path) + ".lock")
+        with lock:
+            cached = _read_scores(path)
+        stamps = {i: input_stamp(self.config, datastore, i) for i in image_ids}
+        fresh: dict[str, dict[str, Any]] = {}
+        try:
+            for image_id in image_ids:
+                if cached.get(image_id, {}).get("inputs") != stamps[image_id]:
+                    fresh[image_id] = {**self.score(loaded, self.config, datastore, image_id), "inputs": stamps[image_id]}
+        finally:
+            if fresh:
+                with lock:
+                    cached = {**_read_scores(path), **fresh}
+                    atomic_write_text(path, json.dumps(cached, indent=1))
         return loaded.version, {i: cached[i] for i in image_ids}
+
+
+def _read_scores(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 class ModelScoring(ScoringMethod):
