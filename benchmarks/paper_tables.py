@@ -25,6 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lungnlb.runtime import enable_huge_pages  # noqa: E402
+
+enable_huge_pages()  # before torch is imported, as the lungnlb command does
 from lungnlb.evaluation.evaluate import evaluate  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402
 from lungnlb.networks import is_segmentation_model, list_models  # noqa: E402
