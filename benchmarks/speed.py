@@ -15,7 +15,7 @@ latency below unet_sa, GFLOP/s >= 50% of matmul. Each latency target is judged t
 medians (the issue's figure, and the verdict reported as PASS/FAIL) and on the minima (the figure
 least disturbed by other processes; printed beside it).
 
-    python benchmarks/speed.py [--runs 10] [--models unet unet_sl_nlb ...] [--output speed.json]
+    python benchmarks/speed.py [--runs 20] [--models unet unet_sl_nlb ...] [--output speed.json]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ REFERENCE, SUBJECT, ATTENTION_BASELINE = "unet", "unet_sl_nlb", "unet_sa"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10, help="timed runs per model (>= 10 for the report)")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per model (>= 10; 20 for the report)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per model before timing")
     parser.add_argument("--models", nargs="+", default=list_models(), help="models to measure (unet always included)")
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("results") / "speed.json")
