@@ -38,6 +38,10 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
     model.eval()
     assert torch.allclose(loaded(x)["seg"], model(x)["seg"])
     assert not list(tmp_path.glob(".*tmp"))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (weights, weights.with_suffix(".json")):  # the permissions of a plain open(), not mkstemp's 0600
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path):

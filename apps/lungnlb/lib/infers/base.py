@@ -22,18 +22,35 @@ from lungnlb.io.volume import nifti_image
 RAW_RESULT_MAX_BYTES = 4 << 20  # results up to this many voxel bytes are sent as plain .nii
 
 
-def requested_slice(request: dict[str, Any]) -> int | None:
-    """The request's `slice` as a whole number, None when absent; 400 when it is not one."""
-    value = request.get("slice")
+def requested_number(request: dict[str, Any], key: str, kind: str) -> float | None:
+    """The request's `key` as a float, None when absent; 400 "<key> ... is not <kind>" when it is no number."""
+    value = request.get(key)
     if value in (None, ""):
         return None
     try:
-        number = float(value)
+        return float(value)
     except (TypeError, ValueError) as error:
-        raise bad_request(f"slice {value!r} is not a whole number") from error
+        raise bad_request(f"{key} {value!r} is not {kind}") from error
+
+
+def requested_slice(request: dict[str, Any]) -> int | None:
+    """The request's `slice` as a whole number, None when absent; 400 when it is not one."""
+    number = requested_number(request, "slice", "a whole number")
+    if number is None:
+        return None
     if not number.is_integer():
-        raise bad_request(f"slice {value!r} is not a whole number")
+        raise bad_request(f"slice {request['slice']!r} is not a whole number")
     return int(number)
+
+
+def requested_threshold(request: dict[str, Any], default: float) -> float:
+    """The request's `threshold` in (0, 1), `default` when absent; 400 otherwise."""
+    threshold = requested_number(request, "threshold", "a number")
+    if threshold is None:
+        return default
+    if not 0.0 < threshold < 1.0:
+        raise bad_request(f"threshold must lie in (0, 1), got {threshold}")
+    return threshold
 
 
 class LungInferTask(InferTask):

@@ -14,8 +14,7 @@ import numpy as np
 
 from lib.conf import AppConfig
 from lib.image_cache import ImageCache
-from lib.infers.base import LungInferTask
-from lib.infers.segmentation import _threshold
+from lib.infers.base import LungInferTask, requested_threshold
 from lib.model_store import ModelStore
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
@@ -44,7 +43,7 @@ class NLBClassificationInfer(LungInferTask):
         image = self.read(request)
         prediction = loaded.predictor.predict(image.array, image.intensity)
         slice_probabilities = np.atleast_1d(np.asarray(prediction.slice_probability, dtype=float))
-        threshold = _threshold(request, loaded.predictor.threshold)
+        threshold = requested_threshold(request, loaded.predictor.threshold)
         score = float(slice_probabilities.max())
         return None, {
             "label": "neoplasm" if score > threshold else "no neoplasm",

@@ -28,7 +28,7 @@ import torch
 from lib.conf import AppConfig
 from lib.errors import bad_request, unprocessable
 from lib.image_cache import ImageCache
-from lib.infers.base import LungInferTask, requested_slice
+from lib.infers.base import LungInferTask, requested_slice, requested_threshold
 from lib.model_store import ModelStore
 from lungnlb.inference import resize_batch
 from lungnlb.io import ImageData
@@ -60,7 +60,7 @@ class NLBSegmentationInfer(LungInferTask):
         read = time.perf_counter()
         prediction = loaded.predictor.predict(image.array, image.intensity)
         predicted = time.perf_counter()
-        threshold = _threshold(request, loaded.predictor.threshold)
+        threshold = requested_threshold(request, loaded.predictor.threshold)
         slice_probabilities = np.atleast_1d(np.asarray(prediction.slice_probability, dtype=float))
         mask = prediction.probability > threshold
         result = {
@@ -83,19 +83,6 @@ class NLBSegmentationInfer(LungInferTask):
         result["latencies"] = {"read": round(read - start, 4), "model": round(predicted - read, 4),
                                "write": round(end - predicted, 4), "total": round(end - start, 4)}
         return str(path), result
-
-
-def _threshold(request: dict[str, Any], default: float) -> float:
-    value = request.get("threshold")
-    if value in (None, ""):
-        return default
-    try:
-        threshold = float(value)
-    except (TypeError, ValueError) as error:
-        raise bad_request(f"threshold {value!r} is not a number") from error
-    if not 0.0 < threshold < 1.0:
-        raise bad_request(f"threshold must lie in (0, 1), got {threshold}")
-    return threshold
 
 
 def attention_slice(loaded, image: ImageData, z: int) -> tuple[np.ndarray, list[str]]:
