@@ -115,17 +115,21 @@ class Predictor:
 
     @torch.no_grad()
     def predict_normalized(self, volume: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        """Forward (Z, Y, X) slices already in the model's [0, 1] range; return (probability, slice_probability)."""
-        size = tuple(volume.shape[-2:])
-        masks, scores = [], []
-        for start in range(0, volume.shape[0], self.batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(volume[start : start + self.batch_size], dtype=np.float32))
-            batch = resize_batch(batch[:, None].to(self.device), self.input_size)
-            output = self.model(batch)
-            scores.append(torch.sigmoid(output["cls"].float() - self.cls_logit_offset).reshape(-1).cpu())
+        """Forward (Z, Y, X) slices already in the model's [0, 1] range; return (probability, slice_probability).
+
+        Each batch's output is written straight into the preallocated result arrays (a 64-slice
+        512 x 512 volume would otherwise hold its 64 MiB of probabilities two more times).
+        """
+        depth, size = volume.shape[0], tuple(volume.shape[-2:])
+        slice_probability = np.empty(depth, dtype=np.float32)
+        probability = None
+        for start in range(0, depth, self.batch_size):
+            stop = min(start + self.batch_size, depth)
+            batch = torch.from_numpy(np.ascontiguousarray(volume[start:stop], dtype=np.float32))
+            output = self.model(resize_batch(batch[:, None].to(self.device), self.input_size))
+            slice_probability[start:stop] = torch.sigmoid(output["cls"].float() - self.cls_logit_offset).reshape(-1).cpu().numpy()
             if "seg" in output:
-                seg = torch.sigmoid(resize_batch(output["seg"].float(), size))
-                masks.append(seg[:, 0].cpu())
-        slice_probability = torch.cat(scores).numpy().astype(np.float32)
-        probability = torch.cat(masks).numpy().astype(np.float32) if masks else None
+                if probability is None:
+                    probability = np.empty((depth, *size), dtype=np.float32)
+                probability[start:stop] = torch.sigmoid(resize_batch(output["seg"].float(), size))[:, 0].cpu().numpy()
         return probability, slice_probability

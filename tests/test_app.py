@@ -476,7 +476,7 @@ def test_score_cache_scores_without_the_lock_and_keeps_scores_before_a_failure(t
         path.write_bytes(b"image")
     datastore = SimpleNamespace(get_image_uri=lambda i: str(images[i]), get_label_uri=lambda i, tag: None)
     config = SimpleNamespace(state_dir=tmp_path / "state", studies=tmp_path)
-    store = SimpleNamespace(get=lambda: SimpleNamespace(version="v1"))
+    store = SimpleNamespace(get=lambda: SimpleNamespace(version="v1"), run=lambda fn, *args: fn(*args))
     lock_path = config.state_dir / "scores" / "v1.json.lock"
     scored = []
 
@@ -498,3 +498,36 @@ def test_score_cache_scores_without_the_lock_and_keeps_scores_before_a_failure(t
     version, scores = cache.scores(datastore, ["a", "b", "c"])
     assert version == "v1" and scored == ["a", "b", "c"]  # a was not scored again
     assert scores["a"]["uncertainty"] == 0.5 and scores["b"]["uncertainty"] == 0.1
+
+
+def test_model_thread_runs_every_call_on_one_thread_reentrantly_and_reraises():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    sys.path.insert(0, str(APP_DIR))
+    from lib.model_thread import ModelThread
+
+    model_thread = ModelThread()
+    with ThreadPoolExecutor(4) as callers:  # requests arrive on several server threads
+        idents = set(callers.map(lambda _: model_thread.run(threading.get_ident), range(16)))
+    assert idents == {model_thread.ident} and model_thread.ident != threading.get_ident()
+    nested = model_thread.run(lambda: model_thread.run(threading.get_ident))  # inline, no deadlock
+    assert nested == model_thread.ident
+    with pytest.raises(ValueError, match="bad slice"):
+        model_thread.run(lambda: (_ for _ in ()).throw(ValueError("bad slice")))
+
+
+def test_infer_runs_the_model_on_the_model_thread(client, workspace, monkeypatch):
+    import threading
+
+    from monailabel.interfaces.utils.app import app_instance
+
+    store = app_instance().store
+    loaded = store.get()
+    threads = []
+    original = loaded.predictor.predict
+    monkeypatch.setattr(loaded.predictor, "predict", lambda *a, **k: threads.append(threading.get_ident()) or original(*a, **k))
+    for _ in range(2):
+        response = client.post("/infer/lung_nlb_seg", params={"image": workspace["slices"][0], "output": "json"})
+        assert response.status_code == 200, response.text
+    assert threads == [store.thread.ident] * 2

@@ -10,6 +10,9 @@ With none of them the store is *untrained*: `/info` says so and seg/cls infer an
 of returning the output of random weights. The version of a checkpoint is the first 12 hex digits
 of the SHA-256 of its weights file, so a model published by the training subprocess is picked up
 by the next request (the file's mtime/size change) and score caches are keyed by content.
+
+Every model is loaded, and every forward pass runs, on the store's `ModelThread` (`store.run`):
+see `lib.model_thread` for why.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 
 from lib.conf import AppConfig
 from lib.errors import unavailable
+from lib.model_thread import ModelThread
 from lungnlb.checkpoint import default_checkpoint_path, load_model
 from lungnlb.inference import Predictor
 
@@ -70,6 +74,11 @@ class ModelStore:
         self._lock = threading.Lock()
         self._loaded: LoadedModel | None = None
         self._stamp: tuple | None = None
+        self.thread = ModelThread()
+
+    def run(self, fn, /, *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` on the model thread (every forward pass goes through here)."""
+        return self.thread.run(fn, *args, **kwargs)
 
     def checkpoint_path(self) -> Path | None:
         """The current checkpoint's weights file, or None when no trained weights exist."""
@@ -97,7 +106,7 @@ class ModelStore:
         stamp = (str(path), stat.st_mtime_ns, stat.st_size)
         with self._lock:
             if self._loaded is None or self._stamp != stamp:
-                self._loaded = self._load(path)
+                self._loaded = self.run(self._load, path)
                 self._stamp = stamp
             return self._loaded
 

@@ -94,7 +94,8 @@ class ScoreCache:
         try:
             for image_id in image_ids:
                 if cached.get(image_id, {}).get("inputs") != stamps[image_id]:
-                    fresh[image_id] = {**self.score(loaded, self.config, datastore, image_id), "inputs": stamps[image_id]}
+                    scores = self.store.run(self.score, loaded, self.config, datastore, image_id)
+                    fresh[image_id] = {**scores, "inputs": stamps[image_id]}
         finally:
             if fresh:
                 with lock:

@@ -41,7 +41,7 @@ class NLBClassificationInfer(LungInferTask):
         start = time.perf_counter()
         loaded = self.store.get()
         image = self.read(request)
-        prediction = loaded.predictor.predict(image.array, image.intensity)
+        prediction = self.store.run(loaded.predictor.predict, image.array, image.intensity)
         slice_probabilities = np.atleast_1d(np.asarray(prediction.slice_probability, dtype=float))
         threshold = requested_threshold(request, loaded.predictor.threshold)
         score = float(slice_probabilities.max())

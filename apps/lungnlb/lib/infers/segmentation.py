@@ -58,7 +58,7 @@ class NLBSegmentationInfer(LungInferTask):
         loaded = self.store.get()
         image = self.read(request)
         read = time.perf_counter()
-        prediction = loaded.predictor.predict(image.array, image.intensity)
+        prediction = self.store.run(loaded.predictor.predict, image.array, image.intensity)
         predicted = time.perf_counter()
         threshold = requested_threshold(request, loaded.predictor.threshold)
         slice_probabilities = np.atleast_1d(np.asarray(prediction.slice_probability, dtype=float))
@@ -74,7 +74,7 @@ class NLBSegmentationInfer(LungInferTask):
         if str(request.get("attention", "false")).lower() == "true":
             z = requested_slice(request)
             z = int(slice_probabilities.argmax()) if z is None else z
-            heat, names = attention_slice(loaded, image, z)
+            heat, names = self.store.run(attention_slice, loaded, image, z)
             path = self.write_result(heat, image.affine, np.float32)
             result.update({"attention_blocks": names, "attention_slice": z})
         else:
