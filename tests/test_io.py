@@ -306,3 +306,19 @@ def test_corrupt_jpeg_npz_and_4d_nifti_raise(data, tmp_path):
         read_image(tmp_path / "t.nii.gz")
     with pytest.raises(FileNotFoundError):
         read_image(tmp_path / "absent.nii.gz")
+
+
+def test_nifti_bytes_equal_nibabels_encoding_and_read_back(tmp_path):
+    from lungnlb.io.volume import nifti_bytes, nifti_image
+
+    rng = np.random.default_rng(3)
+    affine = np.array([[0.7, 0.01, 0, -180], [0, 0.6, 0, -170], [0, 0, 2.5, 40], [0, 0, 0, 1]])
+    for array, dtype in [(rng.random((512, 512)) > 0.9, np.uint8), (rng.random((5, 64, 48)), np.float32),
+                         (rng.random((5, 64, 48)) > 0.5, np.uint8)]:  # same geometry twice: cached header
+        encoded = nifti_bytes(array, affine, dtype)
+        assert encoded == nifti_image(array, affine, dtype).to_bytes()
+        path = tmp_path / "result.nii"
+        path.write_bytes(encoded)
+        image = nib.load(str(path))
+        np.testing.assert_array_equal(np.asarray(image.dataobj).T, array.astype(dtype))
+        np.testing.assert_allclose(image.affine, affine, atol=1e-6)

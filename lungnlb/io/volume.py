@@ -6,6 +6,7 @@ memory `ImageData.array` is the transpose, (Z, Y, X) / (Y, X).
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -73,6 +74,26 @@ def nifti_image(array: np.ndarray, affine: np.ndarray, dtype: type = np.float32)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
     return image
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, dtype: type = np.float32) -> bytes:
+    """``nifti_image(array, affine, dtype).to_bytes()``, with the header built once per geometry.
+
+    A server answers many requests on images of the same shape and affine, and building a NIfTI
+    header (qform quaternion included) costs more than copying a slice mask. The voxels follow the
+    header: the (X, Y[, Z]) array in Fortran order is the (Z, Y, X) array's bytes in C order.
+    """
+    data = np.ascontiguousarray(array, dtype=dtype)
+    affine = np.ascontiguousarray(affine, dtype=np.float64)
+    return _nifti_header_block(data.shape, data.dtype.str, affine.tobytes()) + data.tobytes()
+
+
+@functools.lru_cache(maxsize=64)
+def _nifti_header_block(shape: tuple[int, ...], dtype: str, affine: bytes) -> bytes:
+    """Header and extension flag of `nifti_image` for this geometry, up to the voxel offset."""
+    image = nifti_image(np.zeros(shape, dtype=dtype), np.frombuffer(affine).reshape(4, 4), np.dtype(dtype).type)
+    content = image.to_bytes()
+    return content[: len(content) - image.dataobj.nbytes]
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype: type = np.float32) -> Path:
