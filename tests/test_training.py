@@ -217,3 +217,26 @@ def test_paper_tables_smoke_budget(tmp_path):
     assert all(0 <= run["dice"] <= 1 and 0 <= run["f1"] <= 1 for run in runs)
     text = markdown.read_text()
     assert "Table I" in text and "Table II" in text and "S-L >= S-B" in text
+
+
+def test_patient_cv_folds_hold_out_each_masked_patient_once():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "patient_cv", Path(__file__).resolve().parents[1] / "benchmarks" / "patient_cv.py")
+    patient_cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(patient_cv)
+    records = [{"image_id": f"p{p}_{z}", "case": f"p{p}", "source": "lidc", "class_label": 1,
+                "labelled_slices": [0]} for p in range(4) for z in range(2)]
+    records += [{"image_id": f"{c}{b}", "case": f"{c}/{b}", "source": "iq", "class_label": int(c == "m")}
+                for c in "mn" for b in range(8)]
+    patients = patient_cv.segmentation_patients(records)
+    assert patients == ["p0", "p1", "p2", "p3"]
+    for patient in patients:
+        split, validation_patient = patient_cv.fold_split(records, patient, patients)
+        cases = split["cases"]
+        assert cases["test"] == [patient] and validation_patient in cases["val"] and validation_patient != patient
+        assert [c for c in cases["val"] if c in patients] == [validation_patient]
+        assert sorted(cases["train"] + cases["val"] + cases["test"]) == sorted({r["case"] for r in records})
+        assert split["images"]["test"] == [f"{patient}_0", f"{patient}_1"]

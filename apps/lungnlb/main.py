@@ -6,6 +6,7 @@ Wiring only; the parts live in `lib/` (see docs/app.md):
 
     lib/conf.py                  --conf keys
     lib/model_store.py           current weights, their version, the loaded model
+    lib/model_thread.py          the one thread every forward pass runs on
     lib/provenance.py            datastore: checked uploads, write-once original, versioned final labels
     lib/images.py                request image resolution and checks (4xx with a message)
     lib/image_cache.py           decoded datastore images kept between infer requests (LRU)
