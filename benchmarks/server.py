@@ -15,6 +15,8 @@ Starts `monailabel start_server` (tests/app_support.py: LIDC slices + one CT ser
    the median over rounds. Between two calls the benchmark pauses `--settle-ms`: both processes
    run PyTorch on OpenMP, whose idle workers spin for a while after a call, and on a small machine
    one process's spinning workers would slow the other's next call.
+   Each round also prints where a slice round trip goes: the task's own `latencies` (result
+   JSON) and a 404 infer round trip (the HTTP and framework cost with no model).
 2. `--clients` concurrent clients x `--requests` slice requests each (last round): errors,
    p50/p90/p99 latency, and the server process's peak resident memory (VmHWM from /proc).
 
@@ -25,6 +27,7 @@ The machine's load average is printed before and after: on a shared machine the 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import shutil
@@ -132,6 +135,30 @@ def served_call(url: str, image_id: str) -> float:
     return time.perf_counter() - start
 
 
+def slice_breakdown(url: str, image_id: str, calls: int, settle_s: float) -> str:
+    """Where a slice round trip goes: medians of the round trip, of the task's own `latencies`
+    (result JSON: model call, writing the result, task total) and of a 404 infer round trip (what
+    uvicorn, FastAPI and MONAI Label's endpoint cost with no model and no result)."""
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    rows, floor = [], []
+    for _ in range(calls):
+        time.sleep(settle_s)
+        start = time.perf_counter()
+        response = requests.post(f"{url}/infer/lung_nlb_seg", params={"image": image_id, "output": "all"}, timeout=600)
+        elapsed = time.perf_counter() - start
+        parts = MultipartDecoder(response.content, response.headers["content-type"]).parts
+        latencies = next(json.loads(part.text) for part in parts if b'name="params"' in part.headers[b"Content-Disposition"])["latencies"]
+        rows.append((elapsed, latencies["model"], latencies["write"], latencies["total"]))
+        time.sleep(settle_s)
+        start = time.perf_counter()
+        requests.post(f"{url}/infer/no_such_model", params={"image": image_id}, timeout=60)
+        floor.append(time.perf_counter() - start)
+    trip, model, write, total = (statistics.median(column) * 1000 for column in zip(*rows))
+    return (f"slice round trip {trip:.1f} ms = task {total:.1f} (model {model:.1f}, result {write:.1f}) "
+            f"+ {trip - total:.1f} outside the task; a 404 infer round trip {statistics.median(floor) * 1000:.1f} ms")
+
+
 def load_test(url: str, image_id: str, clients: int, requests_each: int, pid: int) -> str:
     """`clients` concurrent clients x `requests_each` slice requests: errors, throughput, latencies, peak RSS."""
 
@@ -187,6 +214,7 @@ def main() -> int:
                     medians[label].append(pair)
                     print(f"  {label:16s} direct {pair[0] * 1000:8.1f} ms  server {pair[1] * 1000:8.1f} ms  "
                           f"overhead x{pair[1] / pair[0]:.2f}")
+                print("  " + slice_breakdown(url, ids["slices"][0], args.slice_repeats, args.settle_ms / 1000))
                 if round_index == args.rounds - 1:
                     print(load_test(url, ids["slices"][0], args.clients, args.requests, process.pid))
             finally:

@@ -3,11 +3,12 @@
 Why one thread: PyTorch's CPU kernels run on OpenMP (libgomp), which keeps a team of worker
 threads for each thread that starts parallel regions. Once libgomp manages more threads than the
 machine has CPUs it stops spin-waiting between regions, and each of the hundred-odd parallel
-regions of a forward pass then pays a sleep and a wake-up. The server answers requests on a pool
-of threads; if each request thread ran the model, each would keep its own team, and on a small
-machine every forward pass would be throttled (a 128 x 128 NLB U-Net slice on 2 cores: ~23 ms on
-the thread that owns the only team, ~30 ms on a second thread). Running every forward pass on one
-thread keeps one team, and also queues concurrent requests instead of oversubscribing the cores.
+regions of a forward pass then pays a sleep and a wake-up. The server reaches the model from
+several threads (MONAI Label runs infer requests on its event-loop thread, scoring and
+active-learning requests on a thread pool, and the model was loaded on whichever thread asked
+first); every thread that runs parallel regions keeps its own team, and on a small machine every
+forward pass would then be throttled (`benchmarks/model_thread.py`). Running all model work on one
+thread keeps one team, and queues concurrent requests instead of oversubscribing the cores.
 
 `run(fn, *args)` executes `fn(*args)` on the model thread and returns its result or re-raises its
 exception in the caller; a call made on the model thread itself runs inline (no deadlock).
