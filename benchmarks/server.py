@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from app_support import build_studies, tiny_checkpoint  # noqa: E402
 from test_app_server import start_server, stop_server  # noqa: E402
 
-from lungnlb.checkpoint import default_checkpoint_path, load_model  # noqa: E402
+from lungnlb.checkpoint import default_checkpoint_path  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402
 from lungnlb.io import read_image, write_nifti  # noqa: E402
 
@@ -71,10 +71,9 @@ def alternated_medians(first, second, repeats: int, settle_s: float) -> tuple[fl
 def direct_worker(connection, checkpoint: str, paths: dict[str, str]) -> None:
     """The direct process: load the model and the images, then answer each image key sent with
     the seconds one `Predictor.predict` call on it took (None ends the process)."""
-    model, config = load_model(checkpoint)
-    predictor = Predictor(model, config, "cpu", batch_size=16)
+    predictor = Predictor.from_checkpoint(checkpoint, batch_size=16)
     images = {key: read_image(path) for key, path in paths.items()}
-    connection.send(f"{config['model']['name']} input {config['input_size']}")
+    connection.send(f"{predictor.config['model']['name']} input {predictor.config['input_size']}")
     while (key := connection.recv()) is not None:
         start = time.perf_counter()
         predictor.predict(images[key].array, images[key].intensity)
@@ -127,12 +126,18 @@ def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg()) + f" ({os.cpu_count()} CPUs)"
 
 
-def served_call(url: str, image_id: str) -> float:
-    """Seconds of one `POST /infer/lung_nlb_seg` round trip (JSON + mask) on `image_id`."""
+def post_infer(url: str, image_id: str, model: str = "lung_nlb_seg") -> tuple[float, requests.Response]:
+    """One `POST /infer/<model>` round trip (JSON + mask) on `image_id`: (seconds, response)."""
     start = time.perf_counter()
-    response = requests.post(f"{url}/infer/lung_nlb_seg", params={"image": image_id, "output": "all"}, timeout=600)
+    response = requests.post(f"{url}/infer/{model}", params={"image": image_id, "output": "all"}, timeout=600)
+    return time.perf_counter() - start, response
+
+
+def served_call(url: str, image_id: str) -> float:
+    """Seconds of one successful segmentation round trip."""
+    elapsed, response = post_infer(url, image_id)
     response.raise_for_status()
-    return time.perf_counter() - start
+    return elapsed
 
 
 def slice_breakdown(url: str, image_id: str, calls: int, settle_s: float) -> str:
@@ -144,16 +149,12 @@ def slice_breakdown(url: str, image_id: str, calls: int, settle_s: float) -> str
     rows, floor = [], []
     for _ in range(calls):
         time.sleep(settle_s)
-        start = time.perf_counter()
-        response = requests.post(f"{url}/infer/lung_nlb_seg", params={"image": image_id, "output": "all"}, timeout=600)
-        elapsed = time.perf_counter() - start
+        elapsed, response = post_infer(url, image_id)
         parts = MultipartDecoder(response.content, response.headers["content-type"]).parts
         latencies = next(json.loads(part.text) for part in parts if b'name="params"' in part.headers[b"Content-Disposition"])["latencies"]
         rows.append((elapsed, latencies["model"], latencies["write"], latencies["total"]))
         time.sleep(settle_s)
-        start = time.perf_counter()
-        requests.post(f"{url}/infer/no_such_model", params={"image": image_id}, timeout=60)
-        floor.append(time.perf_counter() - start)
+        floor.append(post_infer(url, image_id, model="no_such_model")[0])
     trip, model, write, total = (statistics.median(column) * 1000 for column in zip(*rows))
     return (f"slice round trip {trip:.1f} ms = task {total:.1f} (model {model:.1f}, result {write:.1f}) "
             f"+ {trip - total:.1f} outside the task; a 404 infer round trip {statistics.median(floor) * 1000:.1f} ms")
@@ -165,9 +166,8 @@ def load_test(url: str, image_id: str, clients: int, requests_each: int, pid: in
     def client(_: int) -> list[tuple[float, bool]]:
         results = []
         for _ in range(requests_each):
-            start = time.perf_counter()
-            response = requests.post(f"{url}/infer/lung_nlb_seg", params={"image": image_id, "output": "all"}, timeout=600)
-            results.append((time.perf_counter() - start, response.status_code == 200))
+            elapsed, response = post_infer(url, image_id)
+            results.append((elapsed, response.status_code == 200))
         return results
 
     start = time.perf_counter()

@@ -127,7 +127,8 @@ class Predictor:
             stop = min(start + self.batch_size, depth)
             batch = torch.from_numpy(np.ascontiguousarray(volume[start:stop], dtype=np.float32))
             output = self.model(resize_batch(batch[:, None].to(self.device), self.input_size))
-            slice_probability[start:stop] = torch.sigmoid(output["cls"].float() - self.cls_logit_offset).reshape(-1).cpu().numpy()
+            cls_probability = torch.sigmoid(output["cls"].float() - self.cls_logit_offset)
+            slice_probability[start:stop] = cls_probability.reshape(-1).cpu().numpy()
             if "seg" in output:
                 if probability is None:
                     probability = np.empty((depth, *size), dtype=np.float32)

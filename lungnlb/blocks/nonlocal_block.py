@@ -14,8 +14,9 @@ f, g, h: C -> C' (queries, keys, values), v: C' -> C and W: C -> C applied per p
 
 W is a bias-free 1x1 convolution (v carries the bias) that starts at zero, so the block is the
 identity at initialisation (at inference, without autograd, W and v are applied as their product,
-one C' -> C matrix, since no non-linearity lies between them); W receives gradient from the first step and the projections from the
-step after (once W is non-zero). Logits that overflow float32 saturate at +-max (never NaN).
+one C' -> C matrix, since no non-linearity lies between them); W receives gradient from the first
+step and the projections from the step after (once W is non-zero). Logits that overflow float32
+saturate at +-max (never NaN).
 
 Memory format: the block keeps its input's layout. For NCHW input a token is flattened over
 (C', ph, pw) (`grid_to_tokens`); for channels_last input over (ph, pw, C'), the order in which the

@@ -10,8 +10,9 @@ Both come from one forward pass per image. The cache is `<studies>/.lungnlb/scor
 model version starts a new cache and old scores are never mixed in. Images are scored without
 holding the cache's file lock (scoring a study set takes minutes); the new scores are then merged
 into the file as it is at that moment, under the lock, atomically, and also when scoring stops
-at a failing image, so the scores computed before it are kept. `stamp` records (mtime_ns, size) of the image, its `original` label and its sidecar: an
-entry whose files changed since it was scored is scored again.
+at a failing image, so the scores computed before it are kept. `stamp` records (mtime_ns, size)
+of the image, its `original` label and its sidecar: an entry whose files changed since it was
+scored is scored again. Each image is scored on the model thread (`ModelStore.run`).
 `ModelScoring` is the MONAI Label scoring method (`POST /scoring/lung_nlb_scores`) that fills it.
 """
 

@@ -82,10 +82,10 @@ class LungInferTask(InferTask):
     def write_result(array: np.ndarray, affine: np.ndarray, dtype: type = np.uint8) -> Path:
         """Write a result in the image's geometry to a fresh temporary `.nii.gz` file and return its path.
 
-        The header is `lungnlb.io.volume.nifti_image`'s (built once per geometry), as in every NIfTI file lungnlb writes. gzip
-        level 1: a mask is mostly zeros and shrinks to a small fraction of its raw size, which pays
-        on any real network. Nobody else sees the file until it is returned, so it is written
-        in place.
+        The header is `lungnlb.io.volume.nifti_image`'s (built once per geometry), as in every
+        NIfTI file lungnlb writes. gzip level 1: a mask is mostly zeros and shrinks to a small
+        fraction of its raw size, which pays on any real network. Nobody else sees the file until
+        it is returned, so it is written in place.
         """
         content = gzip.compress(nifti_bytes(array, affine, dtype), compresslevel=1, mtime=0)
         handle, name = tempfile.mkstemp(prefix="lungnlb_", suffix=".nii.gz")
