@@ -284,6 +284,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"no labelled training slices in {config.data} for split {split_path}")
 
     model = build_network(config).to(device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # one input size: let cuDNN pick its fastest kernels
     weights = sample_weights(train_samples, config.seg_fraction)
     pos_weight = balanced_pos_weight(train_samples, weights) if config.balance_classes else None
     criterion = MultiTaskLoss(config.seg_weight if segmentation else 0.0, config.cls_weight, pos_weight).to(device)
@@ -308,7 +309,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     transform = train_transforms(config.seed * 1000 + rank + step) if config.augment else None
     sampler = WeightedShardSampler(weights, config.seed, rank, world_size)
     loader = DataLoader(SliceDataset(train_samples, transform), batch_size=config.batch_size, sampler=sampler,
-                        num_workers=config.num_workers, drop_last=False)
+                        num_workers=config.num_workers, drop_last=False, persistent_workers=config.num_workers > 0,
+                        pin_memory=device.type == "cuda")
     batches = _infinite_batches(loader, sampler, epoch=step // max(1, len(loader)))
     summary = data_summary(config.data, train_samples, split)
     writer = _writer(out, config) if rank == 0 else None
