@@ -1,0 +1,78 @@
+"""Write a compact copy of a prepared studies folder: its labelled slices only, as 8-bit 2D images.
+
+For carrying the training data to a remote GPU machine whose transfer is size-limited (the prepared
+folder of ../shared/data is ~105 MB, mostly unlabelled slices of CT volumes). Each labelled slice
+of a volume becomes the 2D image ``<image_id>_z<z>``; 2D images keep their id. Every image is stored
+as the model input quantised to 8 bits, ``v = round(255 * to_model_input(image))``, with intensity
+``"windowed8bit"``, so the model sees ``v / 255``: IQ-OTH/NCCD images are unchanged, CT slices lose
+at most half a grey level (1500 HU / 510 ~ 2.9 HU in the lung window). Case, source, class label,
+mask and attribution are kept, so `lungnlb.training.split` puts every case in the same subset as
+in the full folder (splits are by case).
+
+    python benchmarks/compact_studies.py /tmp/lungnlb-paper-studies .gpu/studies
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lungnlb.io import read_image  # noqa: E402
+from lungnlb.io.volume import nifti_bytes  # noqa: E402
+from lungnlb.io.image import axial_affine  # noqa: E402
+from lungnlb.io.intensity import to_model_input  # noqa: E402
+from lungnlb.training.dataset import IMAGE_SUFFIX, read_records, slice_plan  # noqa: E402
+
+KEPT_KEYS = ("case", "source", "attribution", "label_method", "class_name")
+
+
+def write_uint8(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """A uint8 NIfTI, gzip level 9 (a sixth smaller than the level `write_nifti` uses)."""
+    path.write_bytes(gzip.compress(nifti_bytes(array, affine, np.uint8), compresslevel=9))
+
+
+def compact_image(studies: Path, record: dict, out: Path) -> int:
+    """Write the labelled slices of one prepared image into `out`; returns how many."""
+    image = read_image(studies / f"{record['image_id']}{IMAGE_SUFFIX}")
+    mask_path = studies / "labels" / "original" / f"{record['image_id']}{IMAGE_SUFFIX}"
+    mask = read_image(mask_path).array > 0.5 if mask_path.is_file() else None
+    model_input = to_model_input(image.array, record["intensity"])
+    affine = axial_affine(image.spacing[-2:])
+    plan = slice_plan(record, mask, model_input.ndim)
+    for z, has_mask, label in plan:
+        image_id = record["image_id"] if model_input.ndim == 2 else f"{record['image_id']}_z{z:03d}"
+        plane = model_input if model_input.ndim == 2 else model_input[z]
+        write_uint8(np.round(plane * 255), affine, out / f"{image_id}{IMAGE_SUFFIX}")
+        if has_mask:
+            write_uint8(mask if mask.ndim == 2 else mask[z], affine, out / "labels" / "original" / f"{image_id}{IMAGE_SUFFIX}")
+        sidecar = {key: record.get(key) for key in KEPT_KEYS}
+        sidecar.update(intensity="windowed8bit", class_label=label, labelled_slices=[0] if has_mask else [],
+                       compacted_from={"image_id": record["image_id"], "z": z, "intensity": record["intensity"]})
+        (out / "meta" / f"{image_id}.json").write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
+    return len(plan)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("studies", type=Path, help="prepared studies folder (what `lungnlb prepare` writes)")
+    parser.add_argument("out", type=Path, help="new folder for the compact copy")
+    args = parser.parse_args()
+    if args.out.exists() and any(args.out.iterdir()):
+        raise SystemExit(f"{args.out} exists and is not empty")
+    for sub in ("meta", "labels/original"):
+        (args.out / sub).mkdir(parents=True, exist_ok=True)
+    slices = sum(compact_image(args.studies, record, args.out) for record in read_records(args.studies))
+    size = sum(path.stat().st_size for path in args.out.rglob("*") if path.is_file())
+    print(f"{slices} labelled slices -> {args.out} ({size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
