@@ -1,0 +1,62 @@
+"""The helpers of the GPU reference run that can be checked without a GPU: the compact transport
+copy of a prepared folder (benchmarks/compact_studies.py) and the deadline of benchmarks/gpu_reference.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lungnlb.training import load_slices, make_split, read_records
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data" / "studies"
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compact_copy_keeps_every_labelled_slice_within_half_a_grey_level(tmp_path):
+    compact = _benchmark("compact_studies")
+    out = tmp_path / "compact"
+    for sub in ("meta", "labels/original"):
+        (out / sub).mkdir(parents=True)
+    for record in read_records(SAMPLE):
+        compact.compact_image(SAMPLE, record, out)
+
+    original = {(s.image_id, s.z): s for s in load_slices(SAMPLE, None)}
+    copied = {}
+    for sample in load_slices(out, None):
+        source = json.loads((out / "meta" / f"{sample.image_id}.json").read_text())["compacted_from"]
+        copied[(source["image_id"], source["z"])] = sample
+    assert copied.keys() == original.keys() and any(s.mask is not None for s in original.values())
+    for key, before in original.items():
+        after = copied[key]
+        assert (after.case, after.source, after.class_label) == (before.case, before.source, before.class_label)
+        assert np.abs(after.image - before.image).max() <= 0.5 / 255 + 1e-6
+        assert (after.mask is None) == (before.mask is None)
+        if before.mask is not None:
+            assert np.array_equal(after.mask, before.mask)
+    # splits are by case, and every case keeps its source and class: the same cases per subset
+    assert make_split(read_records(out), seed=0)["cases"] == make_split(read_records(SAMPLE), seed=0)["cases"]
+
+
+def test_rows_still_running_at_the_deadline_are_stopped(tmp_path):
+    gpu_reference = _benchmark("gpu_reference")
+    commands = {"slow": [sys.executable, "-c", "import time; time.sleep(60)"],
+                "quick": [sys.executable, "-c", "print('done')"]}
+    logs = {row: tmp_path / f"{row}.log" for row in commands}
+    start = time.monotonic()
+    status = gpu_reference.run_all(commands, logs, deadline=time.monotonic() + 3)
+    assert time.monotonic() - start < 30
+    assert status["quick"]["returncode"] == 0 and not status["quick"]["stopped_at_deadline"]
+    assert status["slow"]["stopped_at_deadline"] and status["slow"]["returncode"] != 0
+    assert gpu_reference.log_tail(logs["quick"]) == "done"
