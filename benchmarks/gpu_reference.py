@@ -127,7 +127,13 @@ def log_tail(path: Path, lines: int = 4) -> str:
     return "\n".join([line for line in text.replace("\r", "\n").splitlines() if line.strip()][-lines:])
 
 
-def main() -> None:
+def planned_steps(budget_s: float, ms_per_step: dict[str, float], max_steps: int) -> int:
+    """Steps every row gets: the rows share the GPU, so their step times add up (rounded down to 100s)."""
+    steps = int(budget_s * 1000 / sum(ms_per_step.values()))
+    return max(1, min(max_steps, steps // 100 * 100 or steps))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path, help="prepared studies folder")
     parser.add_argument("--split", required=True, type=Path, help="split.json (cases per subset)")
@@ -145,37 +151,46 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="data-loading processes per row")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--runs", type=Path, default=Path("/tmp/lungnlb-gpu-reference"), help="run folders")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.data, args.split = args.data.resolve(), args.split.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     begin = time.monotonic()
     device = torch.device(args.device)
     results = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "recipe": {k: getattr(args, k) for k in ("input_size", "batch_size", "lr", "seed", "max_steps", "budget_s")}}
     results["probe_ms_per_step"] = {row: round(probe_step_ms(row, args.batch_size, args.input_size, device), 2)
                                     for row in args.rows}
-    steps = int(args.budget_s * 1000 / sum(results["probe_ms_per_step"].values()))
-    results["steps"] = steps = max(1, min(args.max_steps, steps // 100 * 100 or steps))
+    results["steps"] = steps = planned_steps(args.budget_s, results["probe_ms_per_step"], args.max_steps)
     print(json.dumps(results, indent=1), flush=True)
 
     shutil.rmtree(args.runs, ignore_errors=True)
+    args.runs.mkdir(parents=True)
     runs = {row: args.runs / row for row in args.rows}
     logs = {row: args.runs / f"{row}.log" for row in args.rows}
-    args.runs.mkdir(parents=True)
     train_status = run_all({row: train_command(args, row, steps, runs[row]) for row in args.rows}, logs,
                            deadline=time.monotonic() + args.budget_s * 1.3 + args.grace_s)
     args.out.mkdir(parents=True, exist_ok=True)
     results["rows"] = {row: row_result(row, runs[row], train_status[row], logs[row], args.out) for row in args.rows}
     write_results(results, args.out, begin)  # kept even if evaluation fails
-    evaluations = {row: [sys.executable, "-m", "lungnlb.cli", "evaluate", "--data", str(args.data), "--checkpoint",
-                         str(runs[row] / "best.pt"), "--split", str(runs[row] / "split.json"), "--subset", "test",
-                         "--device", args.device, "--out", str(runs[row] / "test.json")]
-                   for row in args.rows if (runs[row] / "best.pt").is_file()}
-    eval_logs = {row: args.runs / f"{row}.eval.log" for row in evaluations}
-    eval_status = run_all(evaluations, eval_logs, deadline=time.monotonic() + args.eval_s)
-    for row in evaluations:
-        results["rows"][row].update(test_result(runs[row], eval_status[row], eval_logs[row]))
+    for row, entry in evaluate_rows(args, runs).items():
+        results["rows"][row].update(entry)
     write_results(results, args.out, begin)
     print(summary_table(results), flush=True)
+
+
+def evaluate_rows(args: argparse.Namespace, runs: dict[str, Path]) -> dict[str, dict]:
+    """`lungnlb evaluate` of every trained row's best checkpoint on the test subset, all at once."""
+    commands = {row: [sys.executable, "-m", "lungnlb.cli", "evaluate", "--data", str(args.data), "--checkpoint",
+                      str(run / "best.pt"), "--split", str(run / "split.json"), "--subset", "test",
+                      "--device", args.device, "--out", str(run / "test.json")]
+                for row, run in runs.items() if (run / "best.pt").is_file()}
+    logs = {row: args.runs / f"{row}.eval.log" for row in commands}
+    status = run_all(commands, logs, deadline=time.monotonic() + args.eval_s)
+    return {row: test_result(runs[row], status[row], logs[row]) for row in commands}
 
 
 def row_result(row: str, run: Path, trained: dict, log: Path, out: Path) -> dict:

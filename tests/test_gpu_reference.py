@@ -60,3 +60,11 @@ def test_rows_still_running_at_the_deadline_are_stopped(tmp_path):
     assert status["quick"]["returncode"] == 0 and not status["quick"]["stopped_at_deadline"]
     assert status["slow"]["stopped_at_deadline"] and status["slow"]["returncode"] != 0
     assert gpu_reference.log_tail(logs["quick"]) == "done"
+
+
+def test_every_row_gets_the_steps_that_fit_the_budget_together():
+    gpu_reference = _benchmark("gpu_reference")
+    # three rows share the GPU: 280 s / (55 + 47 + 126 ms) = 1228 steps, rounded down to 1200
+    assert gpu_reference.planned_steps(280, {"a": 55.0, "b": 47.0, "c": 126.0}, 3000) == 1200
+    assert gpu_reference.planned_steps(280, {"a": 55.0}, 3000) == 3000  # capped by the recipe
+    assert gpu_reference.planned_steps(1, {"a": 55.0}, 3000) == 18  # under 100: not rounded to 0
