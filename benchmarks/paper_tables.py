@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 from lungnlb.runtime import enable_huge_pages  # noqa: E402
 
 enable_huge_pages()  # before torch is imported, as the lungnlb command does
+import torch  # noqa: E402
+
 from lungnlb.evaluation.evaluate import evaluate  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402
 from lungnlb.networks import is_segmentation_model, list_models  # noqa: E402
@@ -45,12 +47,13 @@ PAPER = {
 PAPER_BASELINE_F1 = 0.784  # "S-L NLB F1 0.863 vs 0.784" (the best plain / self-attention U-Net in Table I)
 BUDGETS = {
     "smoke": {"input_size": 128, "steps": 2, "batch_size": 2, "lr": 1e-3, "seeds": [0], "rows": ["unet", "unet_sl_nlb"],
-              "max_cases": 1, "chebyshev": False},
+              "max_cases": 1, "chebyshev": False, "workers": 0},
     # 300 steps: ~12 s per step for all 11 rows x 3 seeds on two idle cores, ~70 min in all
     "cpu": {"input_size": 128, "steps": 300, "batch_size": 4, "lr": 2e-3, "seeds": [0, 1, 2], "rows": ROWS,
-            "max_cases": None, "chebyshev": True},
+            "max_cases": None, "chebyshev": True, "workers": 0},
+    # on an H200: 47-126 ms per step (benchmarks/gpu_reference.py); CPU augmentation needs workers to keep up
     "gpu": {"input_size": 512, "steps": 3000, "batch_size": 16, "lr": 1e-3, "seeds": [0, 1, 2], "rows": ROWS,
-            "max_cases": None, "chebyshev": True},
+            "max_cases": None, "chebyshev": True, "workers": 8},
 }
 NLB_ORDER = ["unet_sl_nlb", "unet_sb_nlb", "unet_localized_nlb", "unet_nlb", "unet"]
 
@@ -90,10 +93,10 @@ def run_row(row: str, seed: int, budget: dict, studies: Path, split_path: Path, 
     config = TrainConfig(data=str(studies), out=str(out / row / f"seed{seed}"), model=model, model_kwargs=kwargs,
                          input_size=budget["input_size"], steps=budget["steps"], batch_size=budget["batch_size"],
                          lr=budget["lr"], seed=seed, split=str(split_path), val_every=budget["steps"], progress=False,
-                         tensorboard=False, device=None)
+                         tensorboard=False, device=None, num_workers=budget["workers"])
     started = time.perf_counter()
     result = train(config)
-    predictor = Predictor.from_checkpoint(result["last"])
+    predictor = Predictor.from_checkpoint(result["last"], device="cuda" if torch.cuda.is_available() else "cpu")
     report, _ = evaluate(studies, predictor, test_ids, n_bootstrap=0)
     keys = ("dice", "iou", "false_positive_rate", "precision", "recall", "f1")
     return {"row": row, "seed": seed, "seconds": time.perf_counter() - started, **{k: report.get(k) for k in keys}}
