@@ -73,11 +73,7 @@ def probe_step_ms(model: str, batch_size: int, size: int, device: torch.device, 
     for _ in range(steps):
         step()
     _sync(device)
-    elapsed = (time.perf_counter() - start) / steps * 1000
-    del network, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return elapsed
+    return (time.perf_counter() - start) / steps * 1000
 
 
 def _sync(device: torch.device) -> None:
@@ -164,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
                "recipe": {k: getattr(args, k) for k in ("input_size", "batch_size", "lr", "seed", "max_steps", "budget_s")}}
     results["probe_ms_per_step"] = {row: round(probe_step_ms(row, args.batch_size, args.input_size, device), 2)
                                     for row in args.rows}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the probes' models are gone: give their memory back to the training processes
     results["steps"] = steps = planned_steps(args.budget_s, results["probe_ms_per_step"], args.max_steps)
     print(json.dumps(results, indent=1), flush=True)
 

@@ -369,6 +369,31 @@ def test_disagreement_picks_the_corrupted_original_label(tmp_path, monkeypatch):
     assert all(scores[i] == pytest.approx(before[i]) for i in ids if i != victim)
 
 
+def test_multi_process_training_pickles_trains_shards_and_publishes_from_rank_0(tmp_path):
+    """The several-GPU path (one DDP process per device), run as 2 gloo processes on the CPU: the
+    job and the fitter pickle into the spawned processes, both ranks train, rank 0 publishes."""
+    import torch
+
+    sys.path.insert(0, str(APP_DIR))
+    from lib.trainers.fit import SegmentationFit, fit_distributed
+    from main import LungNLBApp
+
+    studies = tmp_path / "studies"
+    build_studies(studies, slices_per_file=2, files=2)
+    conf = {"checkpoint": str(tiny_checkpoint(tmp_path / "ckpt" / "tiny")), "model_dir": str(tmp_path / "model"),
+            "tracking": "none", "device": "cpu"}
+    app = LungNLBApp(str(APP_DIR), str(studies), conf)
+    task = app._trainers["lung_nlb_seg"]
+    job = task.prepare({**task.config(), "max_epochs": 1, "train_batch_size": 2, "learning_rate": 1e-3}, app.datastore())
+    start = {key: value.clone() for key, value in job.model.state_dict().items()}
+    fit_distributed(SegmentationFit(app.app_config), 2, "cpu", job)
+    stats = task.stats()
+    assert stats["total_epochs"] == 1 and stats["published_epoch"] == 1 and stats["run_id"] == job.run["run_id"]
+    published = torch.load(app.app_config.published_checkpoint, map_location="cpu", weights_only=True)
+    assert published.keys() == start.keys()  # the unwrapped model, not DDP's "module." names
+    assert any(not torch.equal(published[k], start[k]) for k in start if start[k].is_floating_point())
+
+
 def test_train_one_epoch_publishes_new_weights(client, workspace):
     image_id = workspace["slices"][0]
     before = client.post(f"/infer/lung_nlb_seg?image={image_id}&output=json").json()
