@@ -54,8 +54,8 @@ class SegmentationFit:
         req, run = job.req, job.run
         torch.manual_seed(int(req["seed"]) + rank)
         model = job.model.to(device).train()
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-            if world > 1 else model
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if world > 1 else model
         loader = _loader(job.train_slices, int(req["train_batch_size"]), rank, world, int(req["seed"]))
         optimizer = torch.optim.Adam(net.parameters(), lr=float(req["learning_rate"]))
         criterion = MultiTaskLoss()
