@@ -369,6 +369,26 @@ def test_disagreement_picks_the_corrupted_original_label(tmp_path, monkeypatch):
     assert all(scores[i] == pytest.approx(before[i]) for i in ids if i != victim)
 
 
+def test_latest_proposal_is_kept_after_the_result_file_is_deleted(tmp_path):
+    """Proposal records are written off the request path; MONAI Label deletes the result file right
+    after the response, and a reader (a `final` submission) must see the latest proposal whole."""
+    sys.path.insert(0, str(APP_DIR))
+    from main import LungNLBApp
+
+    studies = tmp_path / "studies"
+    image_id = build_studies(studies, slices_per_file=1, files=1)["slices"][0]
+    app = LungNLBApp(str(APP_DIR), str(studies), {"checkpoint": "none", "model_dir": str(tmp_path / "model")})
+    datastore = app.datastore()
+    for version in ("v1", "v2", "v3"):
+        result = tmp_path / f"result_{version}.nii.gz"
+        result.write_bytes(f"mask of {version}".encode())
+        datastore.record_proposal(image_id, result, "lung_nlb_seg", version)
+        result.unlink()
+    record, path = datastore._proposal(image_id)
+    assert record["model_version"] == "v3" and path.read_bytes() == b"mask of v3"
+    assert not list(path.parent.glob(".*"))  # no staged or temporary files left behind
+
+
 def test_multi_process_training_pickles_trains_shards_and_publishes_from_rank_0(tmp_path):
     """The several-GPU path (one DDP process per device), run as 2 gloo processes on the CPU: the
     job and the fitter pickle into the spawned processes, both ranks train, rank 0 publishes."""
