@@ -448,7 +448,10 @@ def _four_d_nifti(tmp_path: Path) -> Path:
 
 
 def test_bad_inputs_get_4xx_and_leave_the_datastore_alone(client, workspace, tmp_path):
+    from monailabel.interfaces.utils.app import app_instance
+
     studies = workspace["studies"]
+    app_instance().datastore().flush_proposals()  # earlier tests' good requests: their records land first
     before = _snapshot(studies)
     slice_id = workspace["slices"][0]
     corrupt = b"\x1f\x8b\x08\x00 this is not a NIfTI file at all"
@@ -489,6 +492,7 @@ def test_bad_inputs_get_4xx_and_leave_the_datastore_alone(client, workspace, tmp
         assert response.status_code == status, f"{name}: {response.status_code} {response.text}"
         assert response.json()["detail"], f"{name}: no message"
         assert client.get("/info/").status_code == 200, f"server unhealthy after {name}"
+    app_instance().datastore().flush_proposals()
     assert _snapshot(studies) == before
 
 

@@ -156,8 +156,12 @@ class ProvenanceDatastore(LocalDatastore):
         record = {"model": model, "model_version": model_version, "ts": time.time(), "file": name}
         self._proposal_writer.submit(_commit_proposal, directory, staged, record).add_done_callback(_log_failure)
 
+    def flush_proposals(self) -> None:
+        """Wait until every proposal recorded so far is written (the writer runs them in order)."""
+        self._proposal_writer.submit(lambda: None).result()
+
     def _proposal(self, image_id: str) -> tuple[dict[str, Any] | None, Path | None]:
-        self._proposal_writer.submit(lambda: None).result()  # records still being written land first
+        self.flush_proposals()
         directory = self._label_dir(image_id)
         meta = directory / "proposal.json"
         if not meta.is_file():
