@@ -387,6 +387,9 @@ def test_latest_proposal_is_kept_after_the_result_file_is_deleted(tmp_path):
     record, path = datastore._proposal(image_id)
     assert record["model_version"] == "v3" and path.read_bytes() == b"mask of v3"
     assert not list(path.parent.glob(".*"))  # no staged or temporary files left behind
+    (path.parent / ".proposal.nii.gz.0123abcd.staged").write_bytes(b"a server killed between staging and commit")
+    LungNLBApp(str(APP_DIR), str(studies), {"checkpoint": "none", "model_dir": str(tmp_path / "model")})
+    assert not list(path.parent.glob(".*")) and path.read_bytes() == b"mask of v3"  # restart: stale staging removed
 
 
 def test_multi_process_training_pickles_trains_shards_and_publishes_from_rank_0(tmp_path):

@@ -130,6 +130,8 @@ class ProvenanceDatastore(LocalDatastore):
         self.config = config
         # proposal records are written off the request path, one at a time, in request order
         self._proposal_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungnlb-proposals")
+        for staged in (config.state_dir / "labels").glob("*/.proposal*.staged"):  # left by a server killed mid-write
+            staged.unlink(missing_ok=True)
         super().__init__(str(config.studies), **kwargs)
 
     # ---- provenance files -------------------------------------------------------------------
