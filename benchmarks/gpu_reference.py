@@ -35,14 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lungnlb.training.loss import MultiTaskLoss  # noqa: E402
-from lungnlb.training.trainer import TrainConfig, build_network  # noqa: E402
+from lungnlb.training.trainer import TrainConfig, build_network, train_step  # noqa: E402
 
 ROWS = ["unet_sl_nlb", "unet", "unetpp"]
 
 
 def probe_step_ms(model: str, batch_size: int, size: int, device: torch.device, steps: int = 10) -> float:
-    """Mean ms per training step of `model` on random input (after 3 warm-up steps)."""
-    network = build_network(TrainConfig(data="", out="", model=model, input_size=size)).to(device)
+    """Mean ms per training step (`train_step`, as in training) of `model` on random input, after 3 warm-up steps."""
+    config = TrainConfig(data="", out="", model=model, input_size=size)
+    network = build_network(config).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -58,13 +59,7 @@ def probe_step_ms(model: str, batch_size: int, size: int, device: torch.device, 
     torch.backends.cudnn.benchmark = device.type == "cuda"
 
     def step() -> None:
-        with torch.autocast(device_type=device.type, enabled=use_amp):
-            output = network(batch["image"])
-        loss, _ = criterion(output, batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(network, batch, criterion, optimizer, scaler, config.grad_clip, use_amp)
 
     for _ in range(3):
         step()

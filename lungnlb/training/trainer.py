@@ -229,6 +229,24 @@ def _infinite_batches(loader: DataLoader, sampler: WeightedShardSampler, epoch: 
         epoch += 1
 
 
+def train_step(network: nn.Module, batch: dict[str, torch.Tensor], criterion: MultiTaskLoss,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
+               use_amp: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimiser step on a batch already on the device: forward (autocast when `use_amp`), the
+    multi-task loss, scaled backward, gradient norm clipped to `grad_clip` (0: off); (loss, parts)."""
+    with torch.autocast(device_type=batch["image"].device.type, enabled=use_amp):
+        output = network(batch["image"])
+    loss, parts = criterion(output, batch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, parts
+
+
 def resolve_split(config: TrainConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
     if config.split:
         return load_split(config.split, records)
@@ -323,16 +341,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     while step < config.steps:
         network.train()
         batch = {key: value.to(device) for key, value in next(batches).items()}
-        with torch.autocast(device_type=device.type, enabled=use_amp):
-            output = network(batch["image"])
-        loss, parts = criterion(output, batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        loss, parts = train_step(network, batch, criterion, optimizer, scaler, config.grad_clip, use_amp)
         scheduler.step()
         step += 1
         running = float(loss.detach()) if running is None else 0.95 * running + 0.05 * float(loss.detach())
