@@ -9,7 +9,9 @@ Conventions (see docs/data.md):
   `write_nifti` writes (whose data array is ``array`` transposed to ``(X, Y[, Z])``).
 * ``spacing`` is in ``array`` axis order, millimetres.
 * ``intensity`` says what the values are: ``"hu"`` (Hounsfield units), ``"windowed8bit"`` (0..255
-  grey levels, already windowed by a publisher) or ``"normalized"`` (the LIDC npz slices).
+  grey levels, already windowed by a publisher), ``"crops8bit"`` (the 8-bit LIDC nodule crops, whose
+  publisher's window is fitted back to HU in `lungnlb.io.intensity`) or ``"normalized"`` (the LIDC npz
+  slices).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-INTENSITY_KINDS = ("hu", "windowed8bit", "normalized")
+INTENSITY_KINDS = ("hu", "windowed8bit", "crops8bit", "normalized")
 
 
 class ImageReadError(ValueError):
