@@ -6,6 +6,8 @@
 * ``"windowed8bit"``: ``x = v / 255``. IQ-OTH/NCCD was windowed by its publisher with an unknown
   window (its description only gives width 350..1200 HU, centre 50..600 HU used for reading),
   so no HU can be recovered; /255 is the only honest map.
+* ``"crops8bit"`` (the 8-bit LIDC nodule crops): ``HU = 7.9 * v - 1010`` (first fit on pixel pairs
+  with the same patients' VOIs), then the lung window as for HU.
 * ``"normalized"`` (the LIDC npz slices, lung-masked, ~-0.3..5): first to HU with the linear map
   ``HU = 818.9 * v - 887.4`` fitted on all 22 npz slices that match a DICOM slice of the same
   patient (pixels inside the lung mask; per-patient slopes 766..1133, pooled residual SD 78 HU;
@@ -19,6 +21,7 @@ from monai.transforms import ScaleIntensityRange
 
 LUNG_WINDOW = (-600.0, 1500.0)  # (centre, width) in HU
 NPZ_TO_HU = (818.9, -887.4)  # HU = slope * v + intercept, measured by benchmarks/npz_hu_fit.py
+CROPS_TO_HU = (7.9, -1010.0)  # HU = slope * v + intercept for the 8-bit LIDC nodule crops (pixel pairs with the VOIs)
 
 
 def window_bounds(window: tuple[float, float]) -> tuple[float, float]:
@@ -42,8 +45,10 @@ def to_model_input(array: np.ndarray, intensity: str, window: tuple[float, float
         return np.clip(array / 255.0, 0.0, 1.0).astype(np.float32)
     if intensity == "normalized":
         array = normalized_to_hu(array)
+    elif intensity == "crops8bit":
+        array = array * CROPS_TO_HU[0] + CROPS_TO_HU[1]
     elif intensity != "hu":
-        raise ValueError(f"unknown intensity {intensity!r}: expected 'hu', 'windowed8bit' or 'normalized'")
+        raise ValueError(f"unknown intensity {intensity!r}: expected 'hu', 'windowed8bit', 'crops8bit' or 'normalized'")
     low, high = window_bounds(window or LUNG_WINDOW)
     scaled = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(array)
     return np.asarray(scaled, dtype=np.float32)
