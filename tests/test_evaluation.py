@@ -100,12 +100,16 @@ def test_evaluate_command_on_real_files(tmp_path):
     assert code == 0
     report = json.loads(out.read_text())
     assert report["n_tumour_slices"] == tumour_slices
-    assert report["n_positive"] == tumour_slices + 2 and report["n_negative"] == 2
-    for key in ("dice", "iou", "precision", "recall", "f1"):
+    assert report["n_classified_slices"] == report["n_slices"] == tumour_slices + 4
+    assert report["n_patients"] == 1 + 2  # the npz patient and one IQ-OTH/NCCD case block per class
+    assert report["excluded_patients"]["count"] == 0  # a checkpoint with no training data recorded
+    for key in ("dice", "iou", "precision", "recall", "f1", "specificity"):
         assert 0.0 <= report[key] <= 1.0
         low, high = report["ci"][key]
         assert low <= report[key] + 1e-9 and report[key] <= high + 1e-9
     assert set(report["by_source"]) == {"lidc-idri", "iq-othnccd"}
+    assert {row["patient"] for row in report["by_patient"]} >= {npz.stem}
+    assert report["date"] and report["commit"]
     assert out.with_suffix(".md").read_text().startswith("# LungNLB evaluation")
     figures = [p for p in report["figures"]]
     assert any(p.endswith("pr_curve.png") for p in figures) and any("worst_" in p for p in figures)

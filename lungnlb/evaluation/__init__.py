@@ -1,9 +1,10 @@
-"""Evaluation: slice-level metrics with bootstrap intervals, reports and figures."""
+"""Evaluation: per-patient metrics with patient-resampled intervals, readers, tumour-free slices, figures."""
 
-from .evaluate import POLICY, SliceResult, evaluate, predict_folder, summarize, to_markdown
-from .metrics import bootstrap_ci, classification_metrics, dice_iou, per_slice_segmentation, summarize_segmentation
+from .evaluate import POLICY, evaluate, seen_cases, to_markdown
+from .metrics import bootstrap_ci, classification_metrics, dice_iou, patient_bootstrap_ci
+from .predict import SliceResult, predict_folder
 
 __all__ = [
     "POLICY", "SliceResult", "bootstrap_ci", "classification_metrics", "dice_iou", "evaluate",
-    "per_slice_segmentation", "predict_folder", "summarize", "summarize_segmentation", "to_markdown",
+    "patient_bootstrap_ci", "predict_folder", "seen_cases", "to_markdown",
 ]

@@ -10,10 +10,16 @@ else. Tumour-free slices with a mask are scored by the false-positive rate inste
 them on which the predicted mask is non-empty.
 
 Classification (neoplasm present = 1, score = sigmoid of the cls head, prediction = score > threshold):
-precision, recall, F1 of the positive class, accuracy, and the average precision (area under the
-precision-recall curve, step interpolation).
+precision TP/(TP+FP), recall TP/(TP+FN), F1 of the positive class, specificity TN/(TN+FP) (None
+without tumour-free slices), accuracy, and the average precision (area under the precision-recall
+curve, step interpolation).
 
-95% confidence intervals: percentile bootstrap over slices (`bootstrap_ci`).
+Lesions (whole slices): a lesion is a connected component (8-connectivity) of the reference mask; it
+is found when a predicted component overlaps it. Every predicted component that overlaps no lesion
+is a false-positive component.
+
+95% confidence intervals: percentile bootstrap (`bootstrap_ci`), over slices or over patients
+(`patient_bootstrap_ci`: every slice of a drawn patient is drawn with it).
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: fl
     tp = int(np.sum(predicted & labels))
     fp = int(np.sum(predicted & ~labels))
     fn = int(np.sum(~predicted & labels))
+    tn = int(np.sum(~predicted & ~labels))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -80,10 +87,43 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, threshold: fl
         "precision": precision,
         "recall": recall,
         "f1": f1,
+        "specificity": tn / (tn + fp) if tn + fp else None,
         "accuracy": float(np.mean(predicted == labels)) if len(labels) else 0.0,
         "average_precision": average_precision(scores, labels),
         "n_positive": int(labels.sum()),
         "n_negative": int((~labels).sum()),
+    }
+
+
+def lesion_detection(probability: np.ndarray, reference: np.ndarray, threshold: float = 0.5) -> dict:
+    """Lesion-level outcome of one slice.
+
+    Returns ``lesions`` (reference components), ``found`` (those overlapped by a predicted
+    component), ``false_positives`` (predicted components overlapping no lesion), and the scores
+    FROC needs: ``lesion_scores`` (per lesion, the highest probability among the predicted
+    components that overlap it, 0 when missed) and ``false_positive_scores`` (per false-positive
+    component, its highest probability).
+    """
+    from scipy import ndimage
+
+    structure = np.ones((3, 3), bool)
+    probability = np.asarray(probability, np.float32)
+    predicted, n_predicted = ndimage.label(probability > threshold, structure)
+    lesions, n_lesions = ndimage.label(np.asarray(reference, bool), structure)
+    peaks = ndimage.maximum(probability, predicted, np.arange(1, n_predicted + 1)) if n_predicted else []
+    peak_of = np.concatenate([[0.0], np.asarray(peaks, np.float32)])
+    lesion_scores = []
+    for lesion in range(1, n_lesions + 1):
+        touching = np.unique(predicted[lesions == lesion])
+        lesion_scores.append(float(peak_of[touching].max()))
+    touching_any = np.unique(predicted[lesions > 0])
+    false_positive = [c for c in range(1, n_predicted + 1) if c not in set(touching_any.tolist())]
+    return {
+        "lesions": n_lesions,
+        "found": int(sum(score > 0 for score in lesion_scores)),
+        "false_positives": len(false_positive),
+        "lesion_scores": lesion_scores,
+        "false_positive_scores": [float(peak_of[c]) for c in false_positive],
     }
 
 
@@ -143,3 +183,22 @@ def bootstrap_ci(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def patient_bootstrap_ci(
+    statistic: Callable[[np.ndarray], float | None], patients: list[str] | np.ndarray, n_resamples: int = 1000,
+    seed: int = 0, level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of `statistic(slice indices)`, resampling patients with replacement.
+
+    ``patients[i]`` is the patient of slice i; a drawn patient brings all its slices (twice if drawn twice).
+    """
+    patients = np.asarray(patients)
+    groups = [np.flatnonzero(patients == p) for p in np.unique(patients)]
+    if not groups:
+        return None
+
+    def resampled(drawn: np.ndarray) -> float | None:
+        return statistic(np.concatenate([groups[g] for g in drawn]))
+
+    return bootstrap_ci(resampled, len(groups), n_resamples, seed, level)

@@ -16,7 +16,6 @@ resized to the training input size (bilinear; masks bilinear then > 0.5), so sam
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,9 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lungnlb.data.studies import IMAGE_SUFFIX, read_records, slice_plan
 from lungnlb.inference import resize_batch
-
-IMAGE_SUFFIX = ".nii.gz"
 
 
 @dataclass
@@ -43,46 +41,10 @@ class SliceSample:
     class_label: int | None
 
 
-def read_records(studies: str | Path) -> list[dict[str, Any]]:
-    """Read every sidecar of a prepared studies folder; each record gets `image_id`."""
-    studies = Path(studies)
-    meta_dir = studies / "meta"
-    if not meta_dir.is_dir():
-        raise FileNotFoundError(f"{studies} is not a prepared studies folder: no meta/ folder of sidecars")
-    records = []
-    for meta_path in sorted(meta_dir.glob("*.json")):
-        record = json.loads(meta_path.read_text(encoding="utf-8"))
-        record["image_id"] = meta_path.name[: -len(".json")]
-        for key in ("case", "source", "intensity"):
-            if key not in record:
-                raise ValueError(f"sidecar {meta_path} has no '{key}'")
-        records.append(record)
-    if not records:
-        raise ValueError(f"prepared studies folder {studies} has no sidecars in meta/")
-    return records
-
-
 def _resize(array: np.ndarray, size: tuple[int, int], is_mask: bool = False) -> np.ndarray:
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
     resized = resize_batch(tensor, size)[0, 0].numpy()
     return resized > 0.5 if is_mask else resized.astype(np.float32)
-
-
-def slice_plan(record: dict[str, Any], mask: np.ndarray | None, ndim: int) -> list[tuple[int, bool, int | None]]:
-    """(z, has_mask, class_label) for every labelled slice of one image."""
-    if ndim == 2:
-        has_mask = mask is not None and 0 in record.get("labelled_slices", [0])
-        label = record.get("class_label")
-        if label is None and has_mask:
-            label = int(mask.any())
-        return [(0, has_mask, label)] if has_mask or label is not None else []
-    known = {int(z): int(v) for z, v in (record.get("slice_class_labels") or {}).items() if v is not None}
-    plan = []
-    labelled = sorted(int(z) for z in record.get("labelled_slices", [])) if mask is not None else []
-    for z in labelled:
-        plan.append((z, True, known.get(z, int(mask[z].any()))))
-    plan += [(z, False, label) for z, label in sorted(known.items()) if z not in set(labelled)]
-    return plan
 
 
 def load_image_slices(

@@ -207,6 +207,7 @@ def data_summary(studies: str, samples: list[SliceSample], split: dict[str, Any]
         for name, entry in sorted(by_source.items())
     }
     return {"studies": str(studies), "train_slices": len(samples), "sources": sources,
+            "train_cases": sorted({sample.case for sample in samples}),
             "split_seed": split.get("seed"), "held_out_cases": {k: split["cases"][k] for k in ("val", "test")}}
 
 

@@ -1,0 +1,9 @@
+"""The data layer: what a prepared studies folder holds and how its labelled slices are enumerated.
+
+Sits between `lungnlb.io` (file formats) and the engine (training, evaluation, inference): it reads
+files through `lungnlb.io` and knows nothing about models.
+"""
+
+from lungnlb.data.studies import IMAGE_SUFFIX, image_path, label_path, read_records, slice_plan
+
+__all__ = ["IMAGE_SUFFIX", "image_path", "label_path", "read_records", "slice_plan"]
