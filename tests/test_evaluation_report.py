@@ -150,3 +150,14 @@ def test_crop_is_padded_with_air_to_the_whole_slice_and_cut_back():
     assert predict_crops(predictor, crop, "resize")[0].shape == (2, 10, 12) and predictor.seen[-1] == (2, 10, 12)
     with pytest.raises(ValueError, match="crop rule"):
         predict_crops(predictor, crop, "stretch")
+
+
+def test_patients_a_checkpoint_saw_are_left_out():
+    from lungnlb.evaluation.evaluate import seen_cases
+
+    config = {"training_data": {"train_cases": ["p1", "p2"], "held_out_cases": {"val": ["p3"], "test": ["p4"]}}}
+    assert seen_cases(config) == {"p1", "p2", "p3"}
+    assert seen_cases(config, "trained") == {"p1", "p2"}
+    assert seen_cases(config, "none") == set() and seen_cases({}) == set()
+    with pytest.raises(ValueError, match="exclusion"):
+        seen_cases(config, "some")

@@ -2,7 +2,7 @@
 
 DATA is a prepared studies folder or any folder `lungnlb prepare` accepts (LIDC nodule crops and VOIs,
 LIDC npz / DICOM + XML, Lung-PET-CT-Dx, IQ-OTH/NCCD, plain images). Patients the checkpoint trained
-or was selected on (its config's training data) are left out unless --include-seen. Writes the JSON
+or was selected on (its config's training data) are left out unless --exclude says otherwise. Writes the JSON
 report (--out; keys in `lungnlb.evaluation.report`) and Markdown beside it; --figures adds per-patient
 Dice, FROC and PR curves, the worst segmentation cases and attention maps.
 """
@@ -36,8 +36,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="reference of multi-reader sources: voxels at least N readers marked")
     parser.add_argument("--crop-rule", default="pad", choices=CROP_RULES,
                         help="how a nodule crop is fed to a whole-slice model (lungnlb.evaluation.crops)")
-    parser.add_argument("--include-seen", action="store_true",
-                        help="also score patients the checkpoint trained or was selected on (flagged in the report)")
+    parser.add_argument("--exclude", default="seen", choices=("seen", "trained", "none"),
+                        help="patients left out: 'seen' (trained, selected or calibrated on; default), "
+                             "'trained' (keep the validation patients), 'none' (flagged in the report)")
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -46,7 +47,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lungnlb.data.studies import read_records
-    from lungnlb.evaluation.evaluate import evaluate, seen_cases, to_markdown
+    from lungnlb.evaluation.evaluate import EXCLUDE, evaluate, seen_cases, to_markdown
     from lungnlb.inference import Predictor
     from lungnlb.training.split import load_split
 
@@ -56,14 +57,13 @@ def run(args: argparse.Namespace) -> int:
     image_ids = None
     if args.split:
         image_ids = load_split(args.split, read_records(studies))["images"][args.subset]
-    exclude = frozenset() if args.include_seen else frozenset(seen_cases(predictor.config))
     report, results = evaluate(studies, predictor, image_ids, n_bootstrap=args.bootstrap, progress=True,
-                               exclude_cases=exclude, crop_rule=args.crop_rule)
+                               exclude_cases=frozenset(seen_cases(predictor.config, args.exclude)),
+                               crop_rule=args.crop_rule, exclude_reason=EXCLUDE[args.exclude])
     report["checkpoint"] = str(args.checkpoint or "default")
     report["model"] = predictor.config["model"]["name"]
     report["data"] = str(args.data)
     report["subset"] = args.subset if args.split else "all"
-    report["seen_patients_included"] = args.include_seen
     report.update(run_stamp())
     if args.figures is not None:
         report["figures"] = [str(p) for p in _figures(args, predictor, report, results)]

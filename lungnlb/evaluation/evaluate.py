@@ -13,22 +13,30 @@ from lungnlb.evaluation.predict import SliceResult, predict_folder
 from lungnlb.evaluation.report import HEADLINE, POLICY, build_report
 from lungnlb.evaluation.scoring import score_slices
 
-__all__ = ["POLICY", "SliceResult", "evaluate", "seen_cases", "to_markdown"]
+__all__ = ["EXCLUDE", "POLICY", "SliceResult", "evaluate", "seen_cases", "to_markdown"]
 
 
-def seen_cases(config: dict[str, Any]) -> set[str]:
-    """Patients a checkpoint trained on or was selected / calibrated on (its config's training_data)."""
+EXCLUDE = {"seen": "the checkpoint trained on them or was selected and calibrated on them",
+           "trained": "the checkpoint trained on them (its validation patients are kept)",
+           "none": "nothing left out: the figures include patients the checkpoint trained on"}
+
+
+def seen_cases(config: dict[str, Any], exclude: str = "seen") -> set[str]:
+    """Patients to leave out of an evaluation of a checkpoint (its config's training_data), per ``EXCLUDE``."""
+    if exclude not in EXCLUDE:
+        raise ValueError(f"unknown exclusion {exclude!r}: expected one of {sorted(EXCLUDE)}")
     data = config.get("training_data") or {}
-    held_out = data.get("held_out_cases") or {}
-    return set(data.get("train_cases") or []) | set(held_out.get("val") or [])
+    trained = set(data.get("train_cases") or [])
+    validation = set((data.get("held_out_cases") or {}).get("val") or [])
+    return {"seen": trained | validation, "trained": trained, "none": set()}[exclude]
 
 
 def evaluate(
     studies: str | Path, predictor, image_ids: list[str] | None = None, n_bootstrap: int = 1000,
     seed: int = 0, progress: bool = False, exclude_cases: set[str] | frozenset[str] = frozenset(),
-    crop_rule: str = "pad",
+    crop_rule: str = "pad", exclude_reason: str = EXCLUDE["seen"],
 ) -> tuple[dict[str, Any], list[SliceResult]]:
-    """Predict and score a studies folder: (report, slice results)."""
+    """Predict and score a studies folder, leaving out ``exclude_cases``: (report, slice results)."""
     results, info = predict_folder(studies, predictor, image_ids, progress, exclude_cases, crop_rule)
     if not results:
         raise ValueError(f"no labelled slices (masks or class labels) to evaluate in {studies}"
@@ -36,7 +44,7 @@ def evaluate(
     report = build_report(score_slices(results, predictor.threshold), predictor.threshold, n_bootstrap, seed)
     report["crop_rule"] = crop_rule
     report["excluded_patients"] = {"count": len(info["excluded_cases"]), "patients": info["excluded_cases"],
-                                   "why": "the checkpoint trained or was selected on them"}
+                                   "why": exclude_reason}
     report["duplicates"] = info["duplicates"]
     return report, results
 
@@ -53,7 +61,7 @@ def to_markdown(report: dict[str, Any], title: str = "LungNLB evaluation") -> st
     """Headline figures with their intervals and coverage, then per source, readers and tumour-free slices."""
     lines = [f"# {title}", "", report["policy"], "",
              f"{report['n_patients']} patients, {report['n_slices']} slices; "
-             f"{report['excluded_patients']['count']} patients left out (seen in training); "
+             f"{report['excluded_patients']['count']} patients left out ({report['excluded_patients']['why']}); "
              f"{len(report['duplicates'])} repeated slices dropped; crop rule `{report['crop_rule']}`.", "",
              "| metric | value | 95% CI (patients) | over |", "|---|---|---|---|"]
     for key in HEADLINE:
