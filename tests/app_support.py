@@ -4,7 +4,10 @@ LIDC data in ../shared/data, and a tiny untrained-but-valid checkpoint."""
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -90,3 +93,30 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     model = build_model(TINY_MODEL["name"], **TINY_MODEL["kwargs"])
     config = {"model": TINY_MODEL, "input_size": TINY_INPUT, "intensity": {"window": None}, "threshold": 0.5}
     return save_checkpoint(path, model, config)
+
+
+@contextmanager
+def in_process_client(studies: Path, conf: dict[str, str], **settings_values) -> Iterator:
+    """MONAI Label's FastAPI app with the LungNLB app on `studies`, served in-process by FastAPI's
+    TestClient (start-up and shutdown run as in the real server); `settings_values` override
+    MONAI Label settings for this client only."""
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import clear_cache
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(APP_DIR)])  # async tasks read it
+    values = {"MONAI_LABEL_APP_DIR": str(APP_DIR), "MONAI_LABEL_STUDIES": str(studies), "MONAI_LABEL_APP_CONF": conf,
+              "MONAI_LABEL_DATASTORE_AUTO_RELOAD": False, "MONAI_LABEL_AUTO_UPDATE_SCORING": False, **settings_values}
+    previous = {key: getattr(settings, key) for key in values}
+    for key, value in values.items():
+        setattr(settings, key, value)
+    clear_cache()
+    from monailabel.app import app
+
+    try:
+        with TestClient(app) as test_client:
+            yield test_client
+    finally:
+        clear_cache()
+        for key in settings_values:
+            setattr(settings, key, previous[key])

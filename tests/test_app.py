@@ -18,7 +18,14 @@ import pytest
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_support import APP_DIR, REPO, build_studies, build_training_patient_studies, lidc_dir, tiny_checkpoint  # noqa: E402
+from app_support import (  # noqa: E402
+    APP_DIR,
+    build_studies,
+    build_training_patient_studies,
+    in_process_client,
+    lidc_dir,
+    tiny_checkpoint,
+)
 
 from lungnlb.checkpoint import default_checkpoint_path  # noqa: E402
 from monailabel.config import settings  # noqa: E402
@@ -34,26 +41,10 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(workspace):
-    from fastapi.testclient import TestClient
-    from monailabel.interfaces.utils.app import clear_cache
-
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(APP_DIR)])  # async tasks read it
-    settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
-    settings.MONAI_LABEL_STUDIES = str(workspace["studies"])
-    settings.MONAI_LABEL_APP_CONF = {
-        "checkpoint": str(workspace["checkpoint"]),
-        "model_dir": str(workspace["root"] / "model"),
-        "tracking": "mlflow",
-        "device": "cpu",
-    }
-    settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False
-    settings.MONAI_LABEL_AUTO_UPDATE_SCORING = False
-    clear_cache()
-    from monailabel.app import app
-
-    with TestClient(app) as test_client:
+    conf = {"checkpoint": str(workspace["checkpoint"]), "model_dir": str(workspace["root"] / "model"),
+            "tracking": "mlflow", "device": "cpu"}
+    with in_process_client(workspace["studies"], conf) as test_client:
         yield test_client
-    clear_cache()
 
 
 def _multipart(response):
@@ -407,7 +398,9 @@ def test_multi_process_training_pickles_trains_shards_and_publishes_from_rank_0(
             "tracking": "none", "device": "cpu"}
     app = LungNLBApp(str(APP_DIR), str(studies), conf)
     task = app._trainers["lung_nlb_seg"]
-    job = task.prepare({**task.config(), "max_epochs": 1, "train_batch_size": 2, "learning_rate": 1e-3}, app.datastore())
+    # force: 2 validation slices are below the publish gate's floor; this test is about the processes
+    job = task.prepare({**task.config(), "max_epochs": 1, "train_batch_size": 2, "learning_rate": 1e-3, "force": True},
+                       app.datastore())
     start = {key: value.clone() for key, value in job.model.state_dict().items()}
     fit_distributed(SegmentationFit(app.app_config), 2, "cpu", job)
     stats = task.stats()
@@ -420,7 +413,7 @@ def test_multi_process_training_pickles_trains_shards_and_publishes_from_rank_0(
 def test_train_one_epoch_publishes_new_weights(client, workspace):
     image_id = workspace["slices"][0]
     before = client.post(f"/infer/lung_nlb_seg?image={image_id}&output=json").json()
-    params = {"max_epochs": 1, "train_batch_size": 4, "learning_rate": 1e-3, "val_split": 0.2}
+    params = {"max_epochs": 1, "train_batch_size": 4, "learning_rate": 1e-3, "val_split": 0.2, "force": True}
     response = client.post("/train/lung_nlb_seg?run_sync=true", json=params)
     assert response.status_code == 200, response.text
     stats = client.get("/info/").json()["train_stats"]["lung_nlb_seg"]

@@ -25,19 +25,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(
-    studies: Path, conf: dict[str, str], log: Path, extra_env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen, str]:
-    """Start `monailabel start_server` on a free loopback port; wait (bounded) until /info answers."""
-    port = free_port()
+def server_command(studies: Path, conf: dict[str, str], port: int, host: str = "127.0.0.1") -> list[str]:
     command = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(APP_DIR),
-               "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+               "--studies", str(studies), "--host", host, "--port", str(port)]
     for key, value in conf.items():
         command += ["--conf", key, value]
+    return command
+
+
+def server_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)  # the monailabel script runs the `python` on PATH
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONPATH": str(REPO),
-           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", **(extra_env or {})}
-    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYTHONPATH": str(REPO),
+            "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", **(extra_env or {})}
+
+
+def start_server(
+    studies: Path, conf: dict[str, str], log: Path, extra_env: dict[str, str] | None = None,
+    command: list[str] | None = None, port: int | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """Start `monailabel start_server` (or `command`, which listens on `port`) on a free loopback
+    port; wait (bounded) until /info answers."""
+    port = port or free_port()
+    command = command or server_command(studies, conf, port)
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=server_env(extra_env),
+                               cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:

@@ -9,9 +9,11 @@ Wiring only; the parts live in `lib/` (see docs/app.md):
     lib/model_thread.py          the one thread every forward pass runs on
     lib/provenance.py            datastore: checked uploads, write-once original, versioned final labels
     lib/images.py                request image resolution and checks (4xx with a message)
+    lib/server.py                start-up: closed unless authenticated, CORS, size limits, checked routes
+    lib/uploads.py               the server's private folder for uploads and results
     lib/image_cache.py           decoded datastore images kept between infer requests (LRU)
     lib/infers/                  lung_nlb_seg, lung_nlb_cls, lung_watershed
-    lib/trainers/                lung_nlb_seg training
+    lib/trainers/                lung_nlb_seg training (one run at a time, publish gate)
     lib/activelearning/          scores cached per model version; disagreement / uncertainty strategies
 """
 
@@ -19,8 +21,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
+import threading
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -34,7 +40,7 @@ from monailabel.tasks.activelearning.random import Random
 from lib.activelearning.scores import SCORING_NAME, ModelScoring, ScoreCache
 from lib.activelearning.strategies import ScoreRankStrategy
 from lib.conf import CLS_MODEL, SEG_MODEL, WATERSHED_MODEL, parse_conf
-from lib.errors import not_found
+from lib.errors import bad_request, not_found
 from lib.image_cache import ImageCache
 from lib.images import resolve_image
 from lib.infers.classification import NLBClassificationInfer
@@ -42,7 +48,11 @@ from lib.infers.segmentation import NLBSegmentationInfer
 from lib.infers.watershed import WatershedInfer
 from lib.model_store import ModelStore
 from lib.provenance import ProvenanceDatastore
+from lib import uploads
+from lib.server import check_exposure, install_server_hooks, listen_host
+from lib.trainers.guard import TrainerLock, reclaim_at_startup, stop_training_with_server
 from lib.trainers.segmentation import NLBSegmentationTrain
+from lib.uploads import use_private_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +118,11 @@ class LungNLBApp(MONAILabelApp):
         meta["lungnlb"] = {"weights": weights, "conf": {k: str(v) for k, v in vars(self.app_config).items()}}
         if isinstance(self._datastore, ProvenanceDatastore):
             meta["lungnlb"]["provenance"] = self._datastore.provenance_summary()
+        warnings = list(getattr(self, "startup_warnings", []))
         if not weights["trained"]:
-            meta["warnings"] = [weights["message"]]
+            warnings.insert(0, weights["message"])
+        if warnings:
+            meta["warnings"] = warnings
         return meta
 
     def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
@@ -119,18 +132,41 @@ class LungNLBApp(MONAILabelApp):
         was); the mask returned for a datastore image is remembered as its latest proposal, for
         the Dice between proposal and the `final` label submitted later.
         """
-        model = request.get("model")
-        task = self._infers.get(model)
-        if task is None:
-            raise not_found(f"no model {model!r}; available: {sorted(self._infers)}")
-        datastore = datastore or self.datastore()
-        image_id, path = resolve_image(request.get("image"), datastore, self.app_config)
-        full = {**copy.deepcopy(task.config()), **copy.deepcopy(request), "image": str(path), "image_id": image_id}
-        result_file, result_json = task(full)
-        if image_id and result_file and model in PROPOSING_MODELS and isinstance(datastore, ProvenanceDatastore):
-            version = result_json.get("model_version")
-            datastore.record_proposal(image_id, Path(result_file), model, version)
+        result_file = None
+        try:
+            model = request.get("model")
+            task = self._infers.get(model)
+            if task is None:
+                raise not_found(f"no model {model!r}; available: {sorted(self._infers)}")
+            datastore = datastore or self.datastore()
+            image_id, path = resolve_image(request.get("image"), datastore, self.app_config, self._session_roots())
+            if uploads.is_upload(path) and not uploads.request_has_upload.get():
+                raise bad_request("image path names a temporary file of the server, not an upload of this request")
+            full = {**copy.deepcopy(task.config()), **copy.deepcopy(request), "image": str(path), "image_id": image_id}
+            result_file, result_json = task(full)
+            # an attention heat map is a view for the annotator, not a proposed mask
+            proposal = result_json.get("attention_slice") is None
+            if image_id and result_file and proposal and model in PROPOSING_MODELS and isinstance(datastore, ProvenanceDatastore):
+                version = result_json.get("model_version")
+                datastore.record_proposal(image_id, Path(result_file), model, version)
+        except BaseException:
+            # MONAI Label removes the upload and the result only after a successful response
+            if uploads.request_has_upload.get():
+                uploads.discard(request.get("image"), request.get("label"))
+            uploads.discard(result_file)
+            raise
         return {"label": result_file, "tag": "proposal", "file": result_file, "params": result_json}
+
+    def _session_roots(self) -> list[Path]:
+        sessions = self.sessions()
+        return [Path(sessions.store_path)] if sessions is not None else []
+
+    def batch_infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
+        """MONAI Label's batch infer, on the CPU where there is no GPU (it spreads the images over
+        the CUDA devices it finds, none on a CPU machine). Results are proposals, never labels."""
+        if not torch.cuda.is_available():
+            request = {**request, "multi_gpu": False, "device": "cpu"}
+        return super().batch_infer(request, datastore)
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         strategy = request.get("strategy") or "random"
@@ -139,6 +175,15 @@ class LungNLBApp(MONAILabelApp):
         return super().next_sample(request)
 
     def on_init_complete(self) -> None:
+        """Server start-up (MONAI Label calls this once the app is built, in the server only):
+        refuse an exposed unauthenticated server, install the request checks, take over what an
+        earlier server left (temporary files, a training run)."""
+        check_exposure(listen_host(sys.argv), settings.MONAI_LABEL_AUTH_ENABLE)
+        use_private_temp_dir()
+        install_server_hooks(self)
+        self.startup_warnings = reclaim_at_startup(TrainerLock(self.app_config.state_dir))
+        if threading.current_thread() is threading.main_thread():
+            stop_training_with_server()
         super().on_init_complete()
         port = settings.MONAI_LABEL_SERVER_PORT
         logger.info(f"LungNLB app ready: in 3D Slicer's MONAI Label module use server http://127.0.0.1:{port}/")

@@ -18,6 +18,10 @@ Keys (all optional):
     allowed_paths    os.pathsep-separated folders whose files may be named as `image` by absolute
                      path (e.g. a DICOM series folder on the server); the studies folder and
                      uploads are always allowed                               [none]
+    max_upload_mb    largest request body (an upload) the server reads, in MiB; larger ones get 413
+                                                                              [1024]
+    max_image_size   largest image accepted, "<columns>x<rows>x<slices>", checked from the file's header
+                     before its voxels are read (a small gzip can expand to gigabytes)   [512x512x2000]
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class AppConfig:
     tracking: str = "mlflow"
     tracking_uri: str = ""
     allowed_paths: tuple[Path, ...] = field(default_factory=tuple)
+    max_upload_mb: float = 1024.0
+    max_image_size: tuple[int, int, int] = (512, 512, 2000)
 
     @property
     def published_checkpoint(self) -> Path:
@@ -83,8 +89,8 @@ def _positive(key: str, value: str, kind: type) -> int | float:
         number = kind(value)
     except ValueError as error:
         raise ValueError(f"--conf {key}: {value!r} is not a {kind.__name__}") from error
-    if number <= 0:
-        raise ValueError(f"--conf {key}: must be > 0, got {value!r}")
+    if not 0 < number < float("inf"):
+        raise ValueError(f"--conf {key}: must be a finite number > 0, got {value!r}")
     return number
 
 
@@ -96,6 +102,18 @@ def _non_negative(key: str, value: str) -> float:
     if not number >= 0:
         raise ValueError(f"--conf {key}: must be >= 0, got {value!r}")
     return number
+
+
+def _image_size(value: str) -> tuple[int, int, int]:
+    """`--conf max_image_size` "512x512x2000" -> (columns, rows, slices), each a positive integer."""
+    parts = value.lower().split("x")
+    try:
+        size = tuple(int(part) for part in parts)
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) <= 0:
+        raise ValueError(f"--conf max_image_size: expected <columns>x<rows>x<slices> such as 512x512x2000, got {value!r}")
+    return size  # type: ignore[return-value]
 
 
 def _check_segmentation_checkpoint(path: Path) -> None:
@@ -136,4 +154,6 @@ def parse_conf(app_dir: str | os.PathLike, studies: str | os.PathLike, conf: dic
         tracking=tracking,
         tracking_uri=conf.get("tracking_uri", f"sqlite:///{model_dir / 'mlflow.db'}"),
         allowed_paths=tuple(Path(p).resolve() for p in allowed.split(os.pathsep) if p),
+        max_upload_mb=float(_positive("max_upload_mb", conf.get("max_upload_mb", "1024"), float)),
+        max_image_size=_image_size(conf.get("max_image_size", "512x512x2000")),
     )

@@ -24,6 +24,11 @@ def conflict(message: str) -> HTTPException:
     return HTTPException(status_code=409, detail=message)
 
 
+def too_large(message: str) -> HTTPException:
+    """413: an upload or an image larger than the server's configured limits."""
+    return HTTPException(status_code=413, detail=message)
+
+
 def unprocessable(message: str) -> HTTPException:
     """422: a well-formed request whose content cannot be used (corrupt file, wrong dimensionality, non-CT)."""
     return HTTPException(status_code=422, detail=message)
@@ -32,3 +37,8 @@ def unprocessable(message: str) -> HTTPException:
 def unavailable(message: str) -> HTTPException:
     """503: the server cannot do this now (no trained weights are present)."""
     return HTTPException(status_code=503, detail=message)
+
+
+def insufficient_storage(message: str) -> HTTPException:
+    """507: the disk is full; nothing was written (every write is atomic)."""
+    return HTTPException(status_code=507, detail=message)

@@ -11,11 +11,16 @@ Rules:
   annotator had to correct) and between the `original` label and the submission.
   The latest record is also the label's info (`GET /datastore/label/info?label=<id>&tag=final`).
 * Uploads are checked before anything is written (see `lib.images`); files and the datastore JSON
-  are written atomically (temporary file in the same folder, then `os.replace`).
+  are written atomically (temporary file in the same folder, then `os.replace`). A rejected
+  upload's temporary file is removed at once (MONAI Label only removes it after a success); a full
+  disk answers 507 and leaves the stored files as they were.
+* Unknown images and labels answer 404 (deleting, reading or updating their info); new ids and
+  tags must be plain file names (`lib.images.check_new_image_id`, `check_tag`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,6 +29,7 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +38,15 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.conf import AppConfig
-from lib.errors import bad_request, conflict, not_found
+from lib import uploads
+from lib.errors import bad_request, conflict, insufficient_storage, not_found
 from lib.images import (
     SIDECAR_INFO_KEYS,
     check_image_id,
+    check_new_image_id,
+    check_tag,
     dice,
+    header_size,
     load_image,
     load_mask,
     read_sidecar,
@@ -44,6 +54,7 @@ from lib.images import (
     write_image,
     write_mask,
 )
+from lungnlb.io.image import INTENSITY_KINDS
 
 logger = logging.getLogger(__name__)
 ORIGINAL = DefaultLabelTag.ORIGINAL.value
@@ -123,6 +134,27 @@ def checked_slices(value: Any, depth: int) -> list[int]:
     return sorted(set(value))
 
 
+@contextmanager
+def upload_guard(*uploads_of_request: str | os.PathLike | None):
+    """Around the handling of an upload: on failure remove the request's own temporary files, and
+    turn a full disk into 507 (every write is atomic, so nothing stored was changed)."""
+    try:
+        yield
+    except BaseException as error:
+        uploads.discard(*uploads_of_request)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise insufficient_storage(f"the server's disk is full ({error.strerror}); nothing was saved") from error
+        raise
+
+
+def _info_object(info: Any, what: str) -> dict[str, Any]:
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise bad_request(f"{what} must be a JSON object, got {type(info).__name__}")
+    return info
+
+
 class ProvenanceDatastore(LocalDatastore):
     """LocalDatastore with checked uploads, protected `original` labels and versioned `final` labels."""
 
@@ -178,45 +210,77 @@ class ProvenanceDatastore(LocalDatastore):
 
         Also what `/activelearning/<strategy>` merges into its answer. Sidecar values are read
         fresh on every call and never written into the datastore JSON."""
+        if image_id not in self._datastore.objects:
+            raise not_found(f"image id {str(image_id)[:140]!r} is not in the datastore")
         info = super().get_image_info(image_id)
-        if not info:
-            return info
         sidecar = read_sidecar(self.config, image_id)
         return {**info, **{key: sidecar[key] for key in SIDECAR_INFO_KEYS if key in sidecar}}
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         """Check the upload (readable 2D/3D CT image), store it as NIfTI under a safe, new id."""
-        source = Path(image_filename)
-        image_id = check_image_id(image_id or Path(image_filename).name.removesuffix(_suffix(image_filename)))
-        if image_id in self.list_images():
-            raise conflict(f"image id {image_id!r} already exists; remove it first or choose another id")
-        image = load_image(source, (image_info or {}).get("intensity"))
-        sidecar = {"intensity": image.intensity, "source": (image_info or {}).get("source", "upload")}
-        with tempfile.TemporaryDirectory() as tmp:
-            stored = source if _suffix(source.name) in NIFTI_SUFFIXES else write_image(Path(tmp) / "image.nii.gz", image)
-            atomic_write_text(self.config.studies / "meta" / f"{image_id}.json", json.dumps(sidecar, indent=2))
-            return super().add_image(image_id, str(stored), image_info)
+        with upload_guard(image_filename):
+            source = Path(image_filename)
+            image_info = _info_object(image_info, "the upload's params")
+            image_id = check_new_image_id(image_id or Path(image_filename).name.removesuffix(_suffix(image_filename)))
+            if image_id in self.list_images():
+                raise conflict(f"image id {image_id!r} already exists; remove it first or choose another id")
+            intensity = image_info.get("intensity")
+            if intensity is not None and intensity not in INTENSITY_KINDS:
+                raise bad_request(f"intensity {intensity!r} is not one of {', '.join(INTENSITY_KINDS)}")
+            image = load_image(source, intensity, self.config.max_image_size)
+            sidecar = {"intensity": image.intensity, "source": image_info.get("source", "upload")}
+            with tempfile.TemporaryDirectory() as tmp:
+                stored = source if _suffix(source.name) in NIFTI_SUFFIXES else write_image(Path(tmp) / "image.nii.gz", image)
+                atomic_write_text(self.config.studies / "meta" / f"{image_id}.json", json.dumps(sidecar, indent=2))
+                return super().add_image(image_id, str(stored), image_info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Check and save a label; `original` is write-once, `final` is versioned with provenance."""
-        check_image_id(image_id)
-        obj = self._datastore.objects.get(image_id)
+        with upload_guard(label_filename):
+            obj = self._object(image_id)
+            check_tag(label_tag)
+            if label_tag == ORIGINAL and obj.labels.get(ORIGINAL):
+                raise conflict(f"image {image_id!r} already has an original label; original labels are never overwritten")
+            info = dict(_info_object(label_info, "the label's params"))
+            image = load_image(Path(self.get_image_uri(image_id)), study_intensity(self.config, image_id))
+            mask = load_mask(Path(label_filename), image)
+            if "labelled_slices" in info:
+                info["labelled_slices"] = checked_slices(info["labelled_slices"], 1 if mask.ndim == 2 else mask.shape[0])
+            with tempfile.TemporaryDirectory() as tmp:
+                label_file = write_mask(Path(tmp) / f"{image_id}.nii.gz", mask, image)
+                if label_tag == FINAL:
+                    info["provenance"] = self._version_final(image_id, label_file, mask, image, info)
+                return self._store_label(obj, image_id, label_file, label_tag, info)
+
+    def _object(self, image_id: str) -> ImageLabelModel:
+        """The datastore entry of an image; 400 for an id that could not name one, 404 when unknown."""
+        obj = self._datastore.objects.get(image_id) if isinstance(image_id, str) else None
         if obj is None:
-            raise not_found(f"image id {image_id!r} is not in the datastore")
-        if not label_tag or "/" in label_tag or ".." in label_tag:
-            raise bad_request(f"label tag {label_tag!r} is not valid")
-        if label_tag == ORIGINAL and obj.labels.get(ORIGINAL):
-            raise conflict(f"image {image_id!r} already has an original label; original labels are never overwritten")
-        image = load_image(Path(self.get_image_uri(image_id)), study_intensity(self.config, image_id))
-        mask = load_mask(Path(label_filename), image)
-        info = dict(label_info or {})
+            check_image_id(image_id)
+            raise not_found(f"image id {image_id[:140]!r} is not in the datastore")
+        return obj
+
+    def remove_image(self, image_id: str) -> None:
+        """404 for an unknown image; an image with an `original` label keeps it (409)."""
+        obj = self._object(image_id)
+        if obj.labels.get(ORIGINAL):
+            raise conflict(f"image {image_id!r} has an original label, which is never removed")
+        super().remove_image(image_id)
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        self._object(image_id)
+        super().update_image_info(image_id, _info_object(info, "image info"))
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        """404 for an unknown label; `labelled_slices` checked as at submission."""
+        obj = self._object(label_id)
+        if not isinstance(label_tag, str) or not obj.labels.get(label_tag):
+            raise not_found(f"image {label_id!r} has no label tagged {str(label_tag)[:80]!r}")
+        info = dict(_info_object(info, "label info"))
         if "labelled_slices" in info:
-            info["labelled_slices"] = checked_slices(info["labelled_slices"], 1 if mask.ndim == 2 else mask.shape[0])
-        with tempfile.TemporaryDirectory() as tmp:
-            label_file = write_mask(Path(tmp) / f"{image_id}.nii.gz", mask, image)
-            if label_tag == FINAL:
-                info["provenance"] = self._version_final(image_id, label_file, mask, image, info)
-            return self._store_label(obj, image_id, label_file, label_tag, info)
+            size = header_size(Path(self.get_image_uri(label_id)))
+            info["labelled_slices"] = checked_slices(info["labelled_slices"], size[2] if size else 1)
+        super().update_label_info(label_id, label_tag, info)
 
     def _version_final(self, image_id: str, label_file: Path, mask, image, info: dict[str, Any]) -> dict[str, Any]:
         """Keep this submission as the next version and return its provenance record."""
@@ -273,9 +337,12 @@ class ProvenanceDatastore(LocalDatastore):
             write()
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
-        """Removing an `original` label is refused like overwriting it."""
+        """Removing an `original` label is refused like overwriting it; an unknown label is 404."""
+        obj = self._object(label_id)
         if label_tag == ORIGINAL:
             raise conflict("original labels are never removed or overwritten")
+        if not isinstance(label_tag, str) or not obj.labels.get(label_tag):
+            raise not_found(f"image {label_id!r} has no label tagged {str(label_tag)[:80]!r}")
         super().remove_label(label_id, label_tag)
 
     def provenance_summary(self) -> dict[str, Any]:

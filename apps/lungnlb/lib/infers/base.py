@@ -74,9 +74,10 @@ class LungInferTask(InferTask):
         if intensity is not None and intensity not in INTENSITY_KINDS:
             raise bad_request(f"intensity {intensity!r} is not one of {', '.join(INTENSITY_KINDS)}")
         path = Path(request["image"])
+        limit = self.app_config.max_image_size
         if self.images is None or request.get("image_id") is None:
-            return load_image(path, intensity)
-        return self.images.get(path, intensity, load_image)
+            return load_image(path, intensity, limit)
+        return self.images.get(path, intensity, lambda p, i: load_image(p, i, limit))
 
     @staticmethod
     def write_result(array: np.ndarray, affine: np.ndarray, dtype: type = np.uint8) -> Path:

@@ -22,6 +22,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 class NLBClassificationInfer(LungInferTask):
     """Slice / image classification with the NLB U-Net's classification head."""
 
+    json_only = True  # no result image: `output=image` is refused with 400 (lib.server)
+
     def __init__(self, config: AppConfig, store: ModelStore, images: ImageCache | None = None):
         super().__init__(
             config,

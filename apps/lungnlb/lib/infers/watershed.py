@@ -13,6 +13,7 @@ Result image: uint8 mask of the image's shape and geometry, non-zero only on tha
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -47,14 +48,14 @@ class WatershedInfer(LungInferTask):
         start = time.perf_counter()
         image = self.read(request)
         volume = image.array if image.array.ndim == 3 else image.array[None]
-        box = request.get("box") or []
+        box = _box(request.get("box"))
         foreground = _points(request.get("foreground"), "foreground")
         background = _points(request.get("background"), "background")
         z = _slice_index(request, foreground + background, volume.shape[0])
         plane = volume[z]
         try:
             if box:
-                mask2d = box_to_mask(plane, [int(v) for v in box])
+                mask2d = box_to_mask(plane, box)
             elif foreground:
                 mask2d = points_to_mask(plane, [p[:2] for p in foreground], [p[:2] for p in background])
             else:
@@ -72,13 +73,34 @@ class WatershedInfer(LungInferTask):
         }
 
 
+def _coordinate(value: Any) -> int:
+    """A pixel coordinate: a finite number, rounded (TypeError / ValueError / OverflowError otherwise)."""
+    number = float(value)
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
+    return int(round(number))
+
+
+def _box(value: Any) -> list[int]:
+    if not value:
+        return []
+    try:
+        if len(value) != 4 or isinstance(value, (str, bytes, dict)):
+            raise ValueError("not 4 numbers")
+        return [_coordinate(v) for v in value]
+    except (TypeError, ValueError, OverflowError) as error:
+        raise bad_request(f"box must be [x_min, y_min, x_max, y_max] of finite numbers, got {value!r}") from error
+
+
 def _points(value: Any, name: str) -> list[list[int]]:
     if not value:
         return []
     try:
-        points = [[int(round(float(c))) for c in point] for point in value]
-    except (TypeError, ValueError) as error:
-        raise bad_request(f"{name} must be a list of [x, y] or [x, y, z] points, got {value!r}") from error
+        if isinstance(value, (str, bytes, dict)):
+            raise ValueError("not a list")
+        points = [[_coordinate(c) for c in point] for point in value]
+    except (TypeError, ValueError, OverflowError) as error:
+        raise bad_request(f"{name} must be a list of [x, y] or [x, y, z] points of finite numbers, got {value!r}") from error
     if any(len(p) not in (2, 3) for p in points):
         raise bad_request(f"{name} points need 2 or 3 coordinates, got {value!r}")
     return points

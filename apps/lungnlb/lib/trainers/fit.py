@@ -30,6 +30,7 @@ from lib.provenance import atomic_write_text
 from lib.trainers.slices import TrainSlice
 from lungnlb.checkpoint import save_checkpoint
 from lungnlb.training.loss import MultiTaskLoss
+from lungnlb.training.publish import decide_publication
 
 
 @dataclass
@@ -61,8 +62,12 @@ class SegmentationFit:
         criterion = MultiTaskLoss()
         threshold = float(job.model_config.get("threshold", 0.5))
         history: list[dict[str, float]] = []
-        best = -1.0
+        best, best_state, best_epoch = -1.0, None, None
         tracker = _Tracker(req, self.config, run) if rank == 0 else None
+        # the model in use, on the same validation slices, for the publish gate (none when starting fresh)
+        incumbent = (_validate(model, job.val_slices, device, threshold)
+                     if rank == 0 and job.val_slices and run.get("base_model_version") else None)
+        run["incumbent_val_dice"] = incumbent
         for epoch in range(int(req["max_epochs"])):
             if isinstance(loader.sampler, DistributedSampler):
                 loader.sampler.set_epoch(epoch)
@@ -74,8 +79,21 @@ class SegmentationFit:
             tracker.log(history[-1], epoch + 1)
             score = val_dice if val_dice is not None else float(epoch)
             if score >= best:
-                best = score
-                self._publish(model, job.model_config, history[-1], run)
+                best, best_epoch = score, history[-1]
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self._write_stats(run, history, best if job.val_slices else None)
+        if rank == 0:
+            # PUBLISH GATE (lungnlb.training.publish): the best epoch replaces the model in use only if it validates better
+            decision = decide_publication(
+                best if job.val_slices else None, incumbent, len(job.val_slices),
+                weights_finite=best_state is not None and all(bool(torch.isfinite(v).all()) for v in best_state.values()
+                                                              if v.is_floating_point()),
+                force=str(req.get("force", False)).lower() == "true",
+            )
+            run["publish"] = decision.as_record()
+            if decision.publish:
+                model.load_state_dict(best_state)
+                self._publish(model, job.model_config, best_epoch, run)
             self._write_stats(run, history, best if job.val_slices else None)
         if tracker is not None:
             tracker.close()
@@ -91,7 +109,7 @@ class SegmentationFit:
     def _write_stats(self, run: dict, history: list[dict], best_val_dice: float | None) -> None:
         stats = {**run, "epochs": history, "total_epochs": len(history), "best_val_dice": best_val_dice,
                  "total_time": round(time.time() - run["start_ts"], 2),
-                 "published": str(self.config.published_checkpoint)}
+                 "published": str(self.config.published_checkpoint) if run.get("published_epoch") else None}
         atomic_write_text(self.config.train_stats_path, json.dumps(stats, indent=2))
 
 

@@ -10,11 +10,17 @@ One run:
    lungnlb's DiceCE (seg head) + BCE (cls head) on that group's n_g samples of the batch;
 3. validate every epoch on a held-out share of the images (`val_split`, split by image): mean
    per-slice Dice of the thresholded mask;
-4. publish the best epoch (or the last, without validation images) with `save_checkpoint`, which
-   replaces `<model_dir>/lung_nlb_seg.pt/.json` atomically — a killed run leaves the previous
-   model intact — and the next infer request loads it;
+4. publish the best epoch — only if it passes the publish gate (`lungnlb.training.publish`): finite
+   weights, at least 10 validation slices, validation Dice above the model in use's on the same
+   slices (a tie keeps it), or `force` — with `save_checkpoint`, which replaces
+   `<model_dir>/lung_nlb_seg.pt/.json` atomically (a killed run leaves the previous model intact);
+   the next infer request loads it. The stats record the decision and why (`publish`);
 5. write the stats `/info` shows (atomically) and, unless `tracking` is "none", log them to
    MLflow with a SQLite store (MONAI Label's default `file://` store is rejected by mlflow 3).
+
+The request's values are checked first (400 naming the bad one). A run holds the studies folder's
+training lock (`lib.trainers.guard`): a second run meanwhile gets 409, and a run in MONAI Label's
+training subprocess ends when its server does.
 
 Steps 2-5 run in `lib.trainers.fit`. Several GPUs: with `multi_gpu` true and more than one CUDA
 device, one DDP process per device (`torch.multiprocessing.spawn`, NCCL), each on its shard of the
@@ -25,7 +31,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 import random
+import re
 import time
 from datetime import datetime
 from typing import Any
@@ -34,9 +43,10 @@ import torch
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.conf import AppConfig
-from lib.errors import unprocessable
+from lib.errors import bad_request, unprocessable
 from lib.model_store import ModelStore, file_version, resolve_device
 from lib.trainers.fit import SegmentationFit, TrainJob, fit_distributed
+from lib.trainers.guard import TrainerLock, is_task_subprocess, watch_server
 from lib.trainers.slices import TrainSlice, datastore_slices
 from lungnlb.checkpoint import build_from_config, load_model
 
@@ -61,6 +71,7 @@ class NLBSegmentationTrain(TrainTask):
             "multi_gpu": True,
             "device": config.device,
             "seed": 0,
+            "force": False,
         }
 
     def config(self) -> dict[str, Any]:
@@ -70,15 +81,26 @@ class NLBSegmentationTrain(TrainTask):
         path = self.app_config.train_stats_path
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
+    def check_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The run's parameters (defaults + request), checked; 400 naming the first bad one."""
+        req = {**self._config, **{k: v for k, v in (request or {}).items() if k in self._config or k == "force"}}
+        return checked_request(req)
+
     def __call__(self, request: dict[str, Any], datastore) -> dict[str, Any]:
-        req = {**self._config, **{k: v for k, v in request.items() if k in self._config}}
-        job = self.prepare(req, datastore)
-        fitter = SegmentationFit(self.app_config)
-        world = torch.cuda.device_count() if str(req["multi_gpu"]).lower() == "true" else 1
-        if world > 1:
-            fit_distributed(fitter, world, "cuda", job)
-        else:
-            fitter.fit(0, 1, resolve_device(str(req["device"])), job)
+        req = self.check_request(request)
+        record = {"pid": os.getpid(), "server_pid": os.getppid() if is_task_subprocess() else os.getpid(),
+                  "started": datetime.now().isoformat(timespec="seconds"), "run_id": None}
+        with TrainerLock(self.app_config.state_dir).hold(record):
+            if is_task_subprocess():
+                watch_server()
+            job = self.prepare(req, datastore)
+            TrainerLock(self.app_config.state_dir).update(run_id=job.run["run_id"])
+            fitter = SegmentationFit(self.app_config)
+            world = torch.cuda.device_count() if str(req["multi_gpu"]).lower() == "true" else 1
+            if world > 1:
+                fit_distributed(fitter, world, "cuda", job)
+            else:
+                fitter.fit(0, 1, resolve_device(str(req["device"])), job)
         return self.stats()
 
     def prepare(self, req: dict[str, Any], datastore) -> TrainJob:
@@ -100,6 +122,66 @@ class NLBSegmentationTrain(TrainTask):
             "val_slices": len(val_slices),
         }
         return TrainJob(model, model_config, train_slices, val_slices, req, run)
+
+
+def _integer(req: dict[str, Any], key: str, low: int) -> int:
+    value = req[key]
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not number.is_integer() or number < low:
+        raise bad_request(f"{key} must be a whole number >= {low}, got {value!r}")
+    return int(number)
+
+
+def _number(req: dict[str, Any], key: str) -> float:
+    value = req[key]
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise bad_request(f"{key} must be a finite number, got {value!r}")
+    return number
+
+
+def _flag(req: dict[str, Any], key: str) -> bool:
+    value = str(req.get(key, False)).lower()
+    if value not in ("true", "false"):
+        raise bad_request(f"{key} must be true or false, got {req.get(key)!r}")
+    return value == "true"
+
+
+def checked_request(req: dict[str, Any]) -> dict[str, Any]:
+    """Check a training request's values (see `NLBSegmentationTrain.config`); 400 with a message."""
+    checked = dict(req)
+    checked["max_epochs"] = _integer(req, "max_epochs", 1)
+    checked["train_batch_size"] = _integer(req, "train_batch_size", 1)
+    checked["seed"] = _integer(req, "seed", 0)
+    learning_rate = _number(req, "learning_rate")
+    if learning_rate <= 0:
+        raise bad_request(f"learning_rate must be > 0, got {req['learning_rate']!r}")
+    checked["learning_rate"] = learning_rate
+    val_split = _number(req, "val_split")
+    if not 0 < val_split < 1:
+        raise bad_request(f"val_split must lie strictly between 0 and 1 (the share of images held out for "
+                          f"validation), got {req['val_split']!r}")
+    checked["val_split"] = val_split
+    original_weight = _number(req, "original_weight")
+    if not 0 <= original_weight <= 1:
+        raise bad_request(f"original_weight must lie in [0, 1], got {req['original_weight']!r}")
+    checked["original_weight"] = original_weight
+    if str(req["tracking"]).lower() not in ("mlflow", "none"):
+        raise bad_request(f"tracking must be 'mlflow' or 'none', got {req['tracking']!r}")
+    device = str(req["device"])
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise bad_request(f"device must be auto, cpu, cuda or cuda:N, got {req['device']!r}")
+    if device.startswith("cuda:") and torch.cuda.is_available() and int(device[5:]) >= torch.cuda.device_count():
+        raise bad_request(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    checked["multi_gpu"] = _flag(req, "multi_gpu")
+    checked["force"] = _flag(req, "force")
+    return checked
 
 
 def _split_by_image(slices: list[TrainSlice], val_split: float, seed: int):
