@@ -1,56 +1,80 @@
-"""Turn a source folder (LIDC npz / LIDC DICOM+XML / Lung-PET-CT-Dx / IQ-OTH/NCCD / plain images)
-into a MONAI Label studies folder:
+"""Turn a source folder (LIDC npz / LIDC nodule crops / LIDC nodule VOIs / LIDC DICOM+XML /
+Lung-PET-CT-Dx / IQ-OTH/NCCD / plain images) into a MONAI Label studies folder:
 
     <out>/<image_id>.nii.gz                 image (slices stay 2D, volumes 3D, geometry kept)
     <out>/labels/original/<image_id>.nii.gz uint8 0/1 mask: radiologist (LIDC) or watershed (boxes)
+    <out>/labels/reader<k>/<image_id>.nii.gz one LIDC reader's own mask (nodule crops only)
     <out>/meta/<image_id>.json              sidecar: provenance and slice-level class labels
 
-Layouts are discovered per item anywhere below the source: ``*.npz`` with ``images``/``masks``
-arrays (lidc-npz); DICOM series folders, matched to LIDC reader XML by SeriesInstanceUID
-(lidc-dicom) or to PASCAL VOC files named by a slice's SOPInstanceUID (lung-pet-ct-dx); JPEG/PNG in
-``normal``/``benign``/``malignant`` folders (iq-othnccd); anything else readable (images).
+Layouts are discovered per item anywhere below the source, npz files by their arrays:
+``images``/``masks`` (lidc-npz), ``image``/``nodule``/``slice`` (lidc-crops), ``img_R<n>``
+(lidc-vois, with the ``nodules.csv`` beside them); DICOM series folders, matched to LIDC reader XML by
+SeriesInstanceUID (lidc-dicom) or to PASCAL VOC files named by a slice's SOPInstanceUID
+(lung-pet-ct-dx); JPEG/PNG in ``normal``/``benign``/``malignant`` folders (iq-othnccd); anything else
+readable (images).
 Reruns skip items whose sidecar records the same source fingerprint: same files, no duplicates.
 Nothing is ever written under the source folder.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
+from lungnlb.checkpoint import atomic_write
 from lungnlb.io import (
     ImageData,
     ImageReadError,
+    check_consensus,
     lidc_consensus,
+    read_crop_file,
     read_dicom_series,
     read_image,
     read_npz_slices,
+    read_ratings,
     read_voc,
+    read_voi_file,
     write_nifti,
 )
 from lungnlb.io.dicom import list_dicom_series, walk_files
+from lungnlb.io.lidc_crops import is_crop_file
+from lungnlb.io.lidc_vois import RATINGS_FILE, is_voi_file
+from lungnlb.io.npz_slices import REQUIRED_KEYS as NPZ_SLICE_KEYS
 from lungnlb.io.raster import RASTER_SUFFIXES
 
 LOGGER = logging.getLogger(__name__)
-FORMATS = ("auto", "lidc-npz", "lidc-dicom", "lung-pet-ct-dx", "iq-othnccd", "images")
+NPZ_KINDS = ("lidc-npz", "lidc-crops", "lidc-vois")
+FORMATS = ("auto", "lidc-npz", "lidc-crops", "lidc-vois", "lidc-dicom", "lung-pet-ct-dx", "iq-othnccd", "images")
+DEFAULT_CONSENSUS = 2  # readers; the usual LIDC reference (at least two of the four)
+CONSENSUS_RULE = "voxel included by >= consensus readers"
+# A slice at least this many slices from every slice a reader marked or a box covers is tumour-free
+# (box- and contour-annotated CT only: crops are centred on nodules).
+TUMOUR_FREE_DISTANCE = 5
+TUMOUR_FREE_RULE = {
+    "distance": TUMOUR_FREE_DISTANCE,
+    "rule": "class 0, empty mask: slices >= distance slices from every marked slice (any reader mark, or any box)",
+}
 IQ_CLASSES = {"normal": 0, "benign": 1, "malignant": 1}
 IQ_CASE_BLOCK = 20
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
+LIDC_ATTRIBUTION = ("Armato SG III et al., Data From LIDC-IDRI, The Cancer Imaging Archive, 2015, "
+                    "doi:10.7937/K9/TCIA.2015.LO9QL9SX. CC BY 3.0.")
 ATTRIBUTION = {
-    "lidc-idri": "Armato SG III et al., Data From LIDC-IDRI, The Cancer Imaging Archive, 2015, "
-    "doi:10.7937/K9/TCIA.2015.LO9QL9SX. CC BY 3.0.",
+    "lidc-idri": LIDC_ATTRIBUTION,
+    "lidc-crops": LIDC_ATTRIBUTION + " Nodule crops as redistributed by the public repository periclesanfe/Pulmoseg.",
+    "lidc-vois": LIDC_ATTRIBUTION + " Nodule volumes of interest from the public repository PabloLION/ct-slicing.",
     "lung-pet-ct-dx": "Li P. et al., A Large-Scale CT and PET/CT Dataset for Lung Cancer Diagnosis (Lung-PET-CT-Dx), "
     "The Cancer Imaging Archive, 2020, doi:10.7937/TCIA.2020.NNC20461. CC BY 4.0.",
     "iq-othnccd": "Alyasriy H., Al-Huseiny M., The IQ-OTH/NCCD lung cancer dataset, Mendeley Data, 2021, "
@@ -70,12 +94,13 @@ class Item:
 
 @dataclass
 class Prepared:
-    """One output image: array + affine, optional mask, sidecar fields."""
+    """One output image: array + affine, optional mask, sidecar fields, further label tags."""
 
     image_id: str
     image: ImageData
     mask: np.ndarray | None
     sidecar: dict
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,12 +144,22 @@ def _xml_index(files: list[Path]) -> tuple[dict[str, Path], dict[str, Path]]:
     return voc, lidc
 
 
-def _is_npz_slices(path: Path) -> bool:
+def _npz_item(path: Path) -> Item:
+    """The item of an npz file, its kind recognised by its array names (read without the data)."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {"images", "masks"} <= set(data.files)
-    except Exception:
-        return False
+            keys = set(data.files)
+    except Exception as error:
+        raise ImageReadError(path, f"unreadable or corrupt npz file ({type(error).__name__}: {error})") from error
+    if set(NPZ_SLICE_KEYS) <= keys:
+        return Item("lidc-npz", path)
+    if is_crop_file(keys):
+        return Item("lidc-crops", path)
+    if is_voi_file(keys):
+        ratings = path.parent / RATINGS_FILE
+        return Item("lidc-vois", path, {"ratings": ratings if ratings.is_file() else None})
+    raise ImageReadError(path, f"npz of no known layout (arrays {sorted(keys)[:8]}): expected images/masks, "
+                               "image/masks/nodule/slice or img_R<n>/mask_R<n>")
 
 
 def discover(src: Path) -> tuple[list[Item], list[str]]:
@@ -132,10 +167,10 @@ def discover(src: Path) -> tuple[list[Item], list[str]]:
     items, skipped = [], []
     files = walk_files(src)
     for path in (p for p in files if p.suffix.lower() == ".npz"):
-        if _is_npz_slices(path):
-            items.append(Item("lidc-npz", path))
-        else:
-            skipped.append(f"{path}: npz without images/masks arrays")
+        try:
+            items.append(_npz_item(path))
+        except ImageReadError as error:
+            skipped.append(str(error))
     voc, lidc = _xml_index(files)
     for folder in list_dicom_series(src):
         items.append(Item("dicom", folder, {"voc": voc, "lidc": lidc}))
@@ -186,6 +221,88 @@ def _from_npz(item: Item) -> Iterator[Prepared]:
         )
 
 
+def _crop_sidecar(source: str, case: str, intensity: str, reference: np.ndarray, **fields) -> dict:
+    """Sidecar of a nodule-centred crop (Z, Y, X): every slice labelled, class 1 where ``reference``
+    marks something and no class elsewhere (a crop centred on a nodule is no tumour-free example)."""
+    positive = [int(z) for z in np.flatnonzero(reference.any(axis=(1, 2)))]
+    return _sidecar(
+        source,
+        case,
+        intensity,
+        class_label=1 if positive else None,
+        label_method="radiologist",
+        labelled_slices=list(range(len(reference))),
+        slice_class_labels={str(z): 1 for z in positive},
+        crop=True,
+        **fields,
+    )
+
+
+def _from_crops(item: Item, consensus: int) -> Iterator[Prepared]:
+    """One image per nodule: the reference of ``consensus`` readers and each marking reader's own mask."""
+    for crop in read_crop_file(item.path):
+        reference = crop.consensus(consensus)
+        tags = {f"reader{r + 1}": crop.readers[r] for r in crop.marking_readers}
+        sidecar = _crop_sidecar(
+            "lidc-crops",
+            crop.patient,
+            "crops8bit",
+            reference,
+            params={"consensus": consensus, "rule": CONSENSUS_RULE},
+            readers=len(crop.readers),
+            reader_tags=sorted(tags),
+            nodule=crop.nodule,
+            crop_slices=crop.slices,
+            spacing_known=False,
+            source_files=[str(item.path)],
+        )
+        yield Prepared(safe_id(f"{crop.patient}_crop_n{crop.nodule:02d}"), crop.image, reference, sidecar, tags)
+
+
+@functools.lru_cache(maxsize=8)
+def _ratings(path: Path, mtime_ns: int) -> dict:
+    """`read_ratings`, read once per version of a csv for all the VOI files beside it."""
+    return read_ratings(path)
+
+
+def _from_vois(item: Item) -> Iterator[Prepared]:
+    """One image per nodule at native spacing with the publisher's majority mask and its csv ratings."""
+    csv_path = item.extra["ratings"]
+    ratings = _ratings(csv_path, csv_path.stat().st_mtime_ns) if csv_path else None
+    for voi in read_voi_file(item.path, ratings):
+        sidecar = _crop_sidecar(
+            "lidc-vois",
+            voi.patient,
+            "hu",
+            voi.mask,
+            params={"rule": "the publisher's majority vote of the readers"},
+            malignancy=(voi.ratings or {}).get("Malignancy_value"),
+            ratings=voi.ratings,
+            nodule=voi.nodule,
+            source_files=[str(item.path)] + ([str(csv_path)] if csv_path else []),
+        )
+        yield Prepared(safe_id(f"{voi.patient}_voi_R{voi.nodule}"), voi.image, voi.mask, sidecar)
+
+
+def tumour_free_slices(depth: int, marked: Iterable[float]) -> list[int]:
+    """Slices of a ``depth``-slice volume at least `TUMOUR_FREE_DISTANCE` slices from every marked
+    position (fractional or outside the volume for marks beyond a partial series); none when a mark
+    could not be placed (NaN), every slice when nothing is marked."""
+    marked = np.asarray(list(marked), dtype=float)
+    if np.isnan(marked).any():
+        return []
+    distance = np.abs(np.arange(depth)[:, None] - marked[None, :])
+    return [int(z) for z in np.flatnonzero(np.all(distance >= TUMOUR_FREE_DISTANCE, axis=1))]
+
+
+def slice_labels(depth: int, positive: list[int], tumour_free: list[int]) -> tuple[list[int], dict[str, int], int | None]:
+    """(labelled_slices, slice_class_labels, class_label) of a ``depth``-slice volume with these
+    positive and tumour-free slices; the volume is class 0 only when every slice is tumour-free."""
+    classes = {z: 0 for z in tumour_free} | {z: 1 for z in positive}
+    volume_class = 1 if positive else (0 if len(tumour_free) == depth else None)
+    return sorted(classes), {str(z): c for z, c in sorted(classes.items())}, volume_class
+
+
 def _series_id(image: ImageData, folder: Path) -> str:
     patient = image.meta.get("patient_id") or folder.parent.name
     short = folder.name if len(folder.name) <= 24 else hashlib.sha1(image.meta["series_instance_uid"].encode()).hexdigest()[:10]
@@ -199,9 +316,10 @@ def _z_of_slices(image: ImageData) -> list[float]:
     return [float(origin_ras[2] + k * step_ras[2]) for k in range(n)]
 
 
-def _from_lidc_dicom(item: Item, image: ImageData, xml_path: Path, consensus: float) -> Prepared:
+def _from_lidc_dicom(item: Item, image: ImageData, xml_path: Path, consensus: int) -> Prepared:
     result = lidc_consensus(xml_path, image.meta["sop_instance_uids"], _z_of_slices(image), image.array.shape[1:], consensus)
-    contoured = result.labelled_slices
+    free = tumour_free_slices(len(image.array), result.mark_positions)
+    labelled, slice_classes, volume_class = slice_labels(len(image.array), result.labelled_slices, free)
     malignancy = sorted({m for n in result.nodules for m in n.malignancy})
     return Prepared(
         _series_id(image, item.path),
@@ -211,11 +329,11 @@ def _from_lidc_dicom(item: Item, image: ImageData, xml_path: Path, consensus: fl
             "lidc-idri",
             image.meta.get("patient_id") or item.path.parent.parent.name,
             "hu",
-            class_label=1 if contoured else 0,
+            class_label=volume_class,
             label_method="radiologist",
-            labelled_slices=contoured,
-            slice_class_labels={str(z): 1 for z in contoured},
-            params={"consensus": consensus, "rule": "voxel in >= consensus * readers who marked the nodule"},
+            labelled_slices=labelled,
+            slice_class_labels=slice_classes,
+            params={"consensus": consensus, "rule": CONSENSUS_RULE, "tumour_free": TUMOUR_FREE_RULE},
             readers=result.readers,
             malignancy=malignancy or None,
             nodules=[vars(n) for n in result.nodules],
@@ -238,7 +356,9 @@ def _from_voc(item: Item, image: ImageData, boxes: dict[int, Path], box_to_mask:
                 raise ImageReadError(voc_path, f"box {obj.box} outside the {cols}x{rows} slice")
             mask[z] |= box_to_mask(image.array[z], obj.box, params)
             box_record.setdefault(str(z), []).append({"label": obj.label, "box": list(obj.box)})
-    labelled = sorted(boxes)
+    boxed = sorted(boxes)
+    depth = len(image.array)
+    labelled, slice_classes, volume_class = slice_labels(depth, boxed, tumour_free_slices(depth, boxed))
     return Prepared(
         _series_id(image, item.path),
         image,
@@ -247,20 +367,20 @@ def _from_voc(item: Item, image: ImageData, boxes: dict[int, Path], box_to_mask:
             "lung-pet-ct-dx",
             image.meta.get("patient_id") or item.path.parent.parent.name,
             "hu",
-            class_label=1,
+            class_label=volume_class,
             label_method="watershed",
             labelled_slices=labelled,
-            slice_class_labels={str(z): 1 for z in labelled},
-            params=params.as_dict() if hasattr(params, "as_dict") else None,
+            slice_class_labels=slice_classes,
+            params=(params.as_dict() if hasattr(params, "as_dict") else {}) | {"tumour_free": TUMOUR_FREE_RULE},
             boxes=box_record,
             series_instance_uid=image.meta["series_instance_uid"],
             sop_instance_uids=image.meta["sop_instance_uids"],
-            source_files=[str(item.path)] + [str(boxes[z]) for z in labelled],
+            source_files=[str(item.path)] + [str(boxes[z]) for z in boxed],
         ),
     )
 
 
-def _from_dicom(item: Item, fmt: str, consensus: float) -> Iterator[Prepared]:
+def _from_dicom(item: Item, fmt: str, consensus: int) -> Iterator[Prepared]:
     image = read_dicom_series(item.path)
     uids = image.meta["sop_instance_uids"]
     lidc_xml = item.extra["lidc"].get(image.meta["series_instance_uid"])
@@ -302,24 +422,30 @@ def _from_iq(item: Item) -> Iterator[Prepared]:
     )
 
 
-def convert(item: Item, fmt: str, consensus: float = 0.5) -> Iterator[Prepared]:
+def convert(item: Item, fmt: str, consensus: int = DEFAULT_CONSENSUS) -> Iterator[Prepared]:
     """The prepared images of one item, if its kind fits the requested format."""
     if item.kind == "dicom":
         yield from _from_dicom(item, fmt, consensus)
     elif item.kind == "lidc-npz" and fmt in ("auto", "lidc-npz"):
         yield from _from_npz(item)
+    elif item.kind == "lidc-crops" and fmt in ("auto", "lidc-crops"):
+        yield from _from_crops(item, consensus)
+    elif item.kind == "lidc-vois" and fmt in ("auto", "lidc-vois"):
+        yield from _from_vois(item)
     elif item.kind == "iq-othnccd" and fmt in ("auto", "iq-othnccd"):
         yield from _from_iq(item)
     elif fmt == "images" or (item.kind == "images" and fmt == "auto"):
-        if item.kind != "lidc-npz":
+        if item.kind not in NPZ_KINDS:
             yield _plain(item, read_image(item.path))
 
 
-def fingerprint(item: Item, fmt: str, consensus: float) -> str:
+def fingerprint(item: Item, fmt: str, consensus: int) -> str:
     """Hash of the item's source files (path, size, mtime) and the options that shape its output."""
     paths = sorted(item.path.iterdir()) if item.path.is_dir() else [item.path]
     if item.kind == "dicom":
         paths += sorted(item.extra["voc"].values()) + sorted(item.extra["lidc"].values())
+    if item.extra.get("ratings"):
+        paths.append(item.extra["ratings"])
     digest = hashlib.sha1(f"{fmt}|{consensus}|{item.kind}".encode())
     for path in paths:
         stat = path.stat()
@@ -327,22 +453,14 @@ def fingerprint(item: Item, fmt: str, consensus: float) -> str:
     return digest.hexdigest()
 
 
-def _write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(data, stream, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _existing(out: Path) -> dict[str, list[dict]]:
-    """Sidecars already in ``out`` whose image (and mask, if any) exist, grouped by source fingerprint."""
+    """Sidecars already in ``out`` whose image (and labels, if any) exist, grouped by source fingerprint."""
     found: dict[str, list[dict]] = {}
     for sidecar in sorted((out / "meta").glob("*.json")):
         data = json.loads(sidecar.read_text())
-        image_ok = (out / f"{sidecar.stem}.nii.gz").is_file()
-        label_ok = data.get("label_method") is None or (out / "labels" / "original" / f"{sidecar.stem}.nii.gz").is_file()
-        if image_ok and label_ok and "fingerprint" in data:
+        tags = (["original"] if data.get("label_method") is not None else []) + data.get("reader_tags", [])
+        files = [out / f"{sidecar.stem}.nii.gz"] + [out / "labels" / tag / f"{sidecar.stem}.nii.gz" for tag in tags]
+        if all(f.is_file() for f in files) and "fingerprint" in data:
             found.setdefault(data["fingerprint"], []).append(data)
     return found
 
@@ -358,12 +476,14 @@ def storage_dtype(array: np.ndarray) -> type:
 
 
 def write_prepared(prepared: Prepared, out: Path) -> None:
-    """Write one image (in its smallest lossless type), its mask and its sidecar (each atomically)."""
+    """Write one image (in its smallest lossless type), its masks and its sidecar (each atomically)."""
     array = prepared.image.array
     write_nifti(array, prepared.image.affine, out / f"{prepared.image_id}.nii.gz", storage_dtype(array))
-    if prepared.mask is not None:
-        write_nifti(prepared.mask.astype(np.uint8), prepared.image.affine, out / "labels" / "original" / f"{prepared.image_id}.nii.gz", np.uint8)
-    _write_json(prepared.sidecar, out / "meta" / f"{prepared.image_id}.json")
+    labels = ({"original": prepared.mask} if prepared.mask is not None else {}) | prepared.labels
+    for tag, mask in labels.items():
+        write_nifti(mask.astype(np.uint8), prepared.image.affine, out / "labels" / tag / f"{prepared.image_id}.nii.gz", np.uint8)
+    text = json.dumps(prepared.sidecar, indent=1, sort_keys=True).encode()
+    atomic_write(out / "meta" / f"{prepared.image_id}.json", lambda stream: stream.write(text))
 
 
 def check_paths(src: Path, out: Path) -> None:
@@ -375,11 +495,18 @@ def check_paths(src: Path, out: Path) -> None:
         raise ValueError(f"{out}: the output folder must not be inside the source folder {src}")
 
 
-def prepare(src: str | Path, out: str | Path, fmt: str = "auto", consensus: float = 0.5, progress: bool = True) -> PrepareSummary:
-    """Build the studies folder ``out`` from ``src``; returns what was written, kept and skipped."""
+def prepare(
+    src: str | Path, out: str | Path, fmt: str = "auto", consensus: int = DEFAULT_CONSENSUS, progress: bool = True
+) -> PrepareSummary:
+    """Build the studies folder ``out`` from ``src``; returns what was written, kept and skipped.
+
+    ``consensus``: the reference mask of LIDC reader outlines (XML, crops) is the voxels at least
+    this many readers include.
+    """
     src, out = Path(src), Path(out)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {FORMATS}")
+    consensus = check_consensus(consensus)
     check_paths(src, out)
     items, skipped = discover(src)
     summary = PrepareSummary(skipped=skipped)

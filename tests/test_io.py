@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -166,7 +167,11 @@ def test_lidc_xml_masks_agree_with_npz_masks(data, lidc_series):
     for patient, folder, xml in lidc_series:
         volume = read_dicom_series(folder)
         z_positions = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in volume.meta["source_files"]]
-        masks = lidc_consensus(xml, volume.meta["sop_instance_uids"], z_positions, volume.array.shape[1:])
+        marked = lidc_consensus(xml, volume.meta["sop_instance_uids"], z_positions, volume.array.shape[1:], consensus=1)
+        # the npz pipeline kept the voxels of at least half the readers who marked the nodule
+        half = {max(1, math.ceil(len(n.readers) / 2)) for n in marked.nodules}
+        assert len(half) == 1, "one nodule (one threshold) per series here"
+        masks = lidc_consensus(xml, volume.meta["sop_instance_uids"], z_positions, volume.array.shape[1:], consensus=half.pop())
         assert masks.readers >= 1 and all(n.malignancy for n in masks.nodules)
         npz = read_npz_slices(data / "lidc-idri" / "slices" / f"{patient}.npz")
         for index, z in _matched_npz_slices(folder, data / "lidc-idri" / "slices" / f"{patient}.npz", volume):
@@ -180,13 +185,15 @@ def test_lidc_xml_masks_agree_with_npz_masks(data, lidc_series):
     assert matched >= 10
 
 
-def test_lidc_consensus_fraction_shrinks_the_mask(lidc_series):
+def test_lidc_consensus_reader_count_shrinks_the_mask(lidc_series):
     _, folder, xml = lidc_series[0]
     volume = read_dicom_series(folder)
     z = [float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]) for f in volume.meta["source_files"]]
-    loose = lidc_consensus(xml, volume.meta["sop_instance_uids"], z, volume.array.shape[1:], consensus=0.25).mask
-    strict = lidc_consensus(xml, volume.meta["sop_instance_uids"], z, volume.array.shape[1:], consensus=1.0).mask
+    loose = lidc_consensus(xml, volume.meta["sop_instance_uids"], z, volume.array.shape[1:], consensus=1).mask
+    strict = lidc_consensus(xml, volume.meta["sop_instance_uids"], z, volume.array.shape[1:], consensus=4).mask
     assert strict.sum() < loose.sum() and not (strict & ~loose).any()
+    with pytest.raises(ValueError, match="whole number of readers"):  # the fraction of earlier versions
+        lidc_consensus(xml, volume.meta["sop_instance_uids"], z, volume.array.shape[1:], consensus=0.5)
     wrong_uids = ["none"] * len(z)  # the z-position fallback alone finds the same contours
     assert np.array_equal(lidc_consensus(xml, wrong_uids, z, volume.array.shape[1:]).mask,
                           lidc_consensus(xml, volume.meta["sop_instance_uids"], z, volume.array.shape[1:]).mask)

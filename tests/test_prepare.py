@@ -12,7 +12,8 @@ import pytest
 from monai.transforms import LoadImage
 
 from lungnlb.cli import main
-from lungnlb.prepare import iq_case, prepare
+from lungnlb.io import lidc_consensus, parse_lidc_xml, read_dicom_series, read_voc_folder
+from lungnlb.prepare import TUMOUR_FREE_DISTANCE, _z_of_slices, iq_case, prepare, slice_labels, tumour_free_slices
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SIDECAR_KEYS = {"source", "case", "intensity", "class_label", "label_method", "labelled_slices", "slice_class_labels",
@@ -85,8 +86,12 @@ def test_images_load_with_monai_and_labels_match(studies):
             assert label.shape == image.shape and np.allclose(label.affine, image.affine)
             assert set(np.unique(np.asarray(label))) <= {0, 1}
             mask = np.asarray(label).T  # back to (Z, Y, X) / (Y, X)
-            annotated = [mask[z] for z in sidecar["labelled_slices"]] if mask.ndim == 3 else [mask]
-            assert annotated and all(m.any() for m in annotated)
+            if mask.ndim == 2:
+                assert sidecar["labelled_slices"] == [0] and mask.any()
+            else:  # a labelled slice has a mask exactly when it is a tumour slice (tumour-free: class 0)
+                classes = sidecar["slice_class_labels"]
+                assert sidecar["labelled_slices"] and set(classes) == set(map(str, sidecar["labelled_slices"]))
+                assert all(bool(mask[z].any()) == (classes[str(z)] == 1) for z in sidecar["labelled_slices"])
             labels += 1
     assert labels == sum(summary.masks.values()) > 0
 
@@ -100,7 +105,8 @@ def test_sidecars_carry_class_labels_and_provenance(studies):
             assert sidecar["class_label"] == expected and sidecar["labelled_slices"] == []
             assert re.fullmatch(r"iq-othnccd/(normal|malignant)/\d{4}-\d{4}", sidecar["case"])
         elif sidecar["source"] == "lung-pet-ct-dx":
-            assert sidecar["params"] and sidecar["class_label"] == 1 and sorted(map(int, sidecar["boxes"])) == sidecar["labelled_slices"]
+            assert sidecar["params"]["tumour_free"]["distance"] == TUMOUR_FREE_DISTANCE and sidecar["class_label"] == 1
+            assert sorted(map(int, sidecar["boxes"])) == [int(z) for z, c in sidecar["slice_class_labels"].items() if c == 1]
         else:
             assert sidecar["case"].startswith("LIDC-IDRI-") and sidecar["class_label"] == 1
             assert sidecar["attribution"] and "10.7937/K9/TCIA.2015.LO9QL9SX" in sidecar["attribution"]
@@ -144,3 +150,44 @@ def test_iq_case_blocks():
     assert iq_case("malignant", "malignant_040") == "iq-othnccd/malignant/0040-0059"
     assert iq_case("malignant", "malignant_059") == iq_case("malignant", "malignant_040")
     assert iq_case("normal", "normal_019") != iq_case("normal", "normal_020")
+
+
+def test_tumour_free_slices_rule():
+    far = TUMOUR_FREE_DISTANCE
+    assert tumour_free_slices(20, [10]) == list(range(0, 10 - far + 1)) + list(range(10 + far, 20))
+    assert tumour_free_slices(12, [-3.0]) == list(range(far - 3, 12))  # a mark beyond a partial series
+    assert tumour_free_slices(12, [2.5, 6]) == [11]  # fractional positions (z between two slices)
+    assert tumour_free_slices(8, []) == list(range(8)) and tumour_free_slices(8, [float("nan")]) == []
+    assert slice_labels(6, [2], [5]) == ([2, 5], {"2": 1, "5": 0}, 1)
+    assert slice_labels(3, [], [0, 1, 2])[2] == 0 and slice_labels(3, [], [2])[2] is None
+
+
+def test_boxed_series_gets_tumour_free_slices(studies):
+    """Lung-PET-CT-Dx: slices >= TUMOUR_FREE_DISTANCE from every boxed slice are class 0 with an empty mask."""
+    out, _ = studies
+    sidecar_path = next(p for p in (out / "meta").glob("*.json") if json.loads(p.read_text())["source"] == "lung-pet-ct-dx")
+    sidecar = json.loads(sidecar_path.read_text())
+    series = DATA / "lung-pet-ct-dx" / sidecar["case"] / "dicom" / Path(sidecar["source_files"][0]).name
+    boxes = read_voc_folder(DATA / "lung-pet-ct-dx" / sidecar["case"] / "annotations")
+    uids = read_dicom_series(series).meta["sop_instance_uids"]
+    boxed = [z for z, uid in enumerate(uids) if uid in boxes]
+    free = [z for z in range(len(uids)) if all(abs(z - b) >= 5 for b in boxed)]
+    assert boxed and len(free) >= 20
+    assert sidecar["slice_class_labels"] == {str(z): int(z in boxed) for z in sorted(boxed + free)}
+    assert sidecar["labelled_slices"] == sorted(boxed + free) and sidecar["params"]["tumour_free"]["distance"] == 5
+    mask = np.asarray(LoadImage(image_only=True)(str(out / "labels" / "original" / f"{sidecar_path.stem}.nii.gz"))).T
+    assert not mask[free].any() and all(mask[z].any() for z in boxed)
+
+
+def test_lidc_marks_count_every_reader_mark(source):
+    """Every roi (contours and < 3 mm centroids) and every non-nodule of the XML is a mark, placed on its slice."""
+    xml = next(source.glob("lidc-idri/dicom/*/*.xml"))
+    series = next(p.parent for p in source.glob("lidc-idri/dicom/*/*/*/*.dcm"))
+    volume = read_dicom_series(series)
+    uids = volume.meta["sop_instance_uids"]
+    result = lidc_consensus(xml, uids, _z_of_slices(volume), volume.array.shape[1:])
+    text = xml.read_text()
+    assert len(result.mark_positions) == text.count("<roi>") + text.count("<nonNodule>")
+    on_series = sorted(float(uids.index(u)) for u in re.findall(r"<imageSOP_UID>\s*([\d.]+)\s*<", text) if u in uids)
+    assert on_series and sorted(p for p in result.mark_positions if p in on_series) == on_series
+    assert text.count("<roi>") > sum(1 for n in parse_lidc_xml(xml)[1] for _ in n.rois)  # centroids count too

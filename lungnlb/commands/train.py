@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lungnlb.prepare import DEFAULT_CONSENSUS, prepare
 from lungnlb.training.trainer import TrainConfig, train
 
 
@@ -46,16 +47,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, help="where a source folder is prepared (default: RUN_DIR/studies)")
 
 
-def prepared_folder(data: Path, cache: Path) -> Path:
-    """`data` if it is a prepared studies folder, else prepare it into `cache` and return that."""
+def prepared_folder(data: Path, cache: Path, consensus: int = DEFAULT_CONSENSUS) -> Path:
+    """`data` if it is a prepared studies folder, else `data` prepared into `cache` (LIDC reference:
+    voxels at least `consensus` readers include) and `cache` returned.
+
+    Preparing is idempotent: items already in `cache` from the same files and options are kept, so
+    a cache made with another `consensus` or from changed files is brought up to date.
+    """
     if not data.exists():
         raise FileNotFoundError(f"data folder {data} does not exist")
     if (data / "meta").is_dir():
         return data
-    if not (cache / "meta").is_dir():
-        from lungnlb.prepare import prepare
-
-        prepare(data, cache)
+    prepare(data, cache, consensus=consensus)
     return cache
 
 

@@ -8,9 +8,11 @@ rule the masks equal the npz masks of the same slices, Dice 1.000 on all 22 matc
 docs/data.md); ``inclusion FALSE`` rois (holes) are removed afterwards. Nodules < 3 mm
 (a single centroid point) and non-nodules carry no contour and are ignored.
 
-Readers' nodules are matched to one another by voxel overlap (single linkage). For a matched
-nodule marked by ``n`` readers, a voxel belongs to the consensus mask when at least
-``consensus * n`` of them include it (default 0.5, i.e. the >= 50% rule).
+Readers' nodules are matched to one another by voxel overlap (single linkage). A voxel belongs to
+the consensus mask when at least ``consensus`` readers include it (an integer, default 2, the
+crops' rule too: see `check_consensus`). The count is not capped at the number of readers who
+marked the nodule, so a nodule only one reader contoured is not in the default consensus; its
+slices still count as marked (`LidcMasks.mark_positions`), so they are never taken as tumour-free.
 """
 
 from __future__ import annotations
@@ -64,11 +66,13 @@ class ConsensusNodule:
 
 @dataclass
 class LidcMasks:
-    """Consensus mask of all nodules on a series (Z, Y, X) and the matched nodules."""
+    """Consensus mask of all nodules on a series (Z, Y, X), the matched nodules, the number of
+    reading sessions, and the slice position of every reader mark (see `mark_positions`)."""
 
     mask: np.ndarray
     nodules: list[ConsensusNodule]
     readers: int
+    mark_positions: list[float] = field(default_factory=list)
 
     @property
     def labelled_slices(self) -> list[int]:
@@ -100,9 +104,7 @@ def _roi(node: ET.Element) -> Roi:
     )
 
 
-def parse_lidc_xml(path: str | Path) -> tuple[int, list[ReaderNodule]]:
-    """Parse an LIDC XML file -> (number of reading sessions, contoured nodules of every reader)."""
-    path = Path(path)
+def _sessions(path: Path) -> list[ET.Element]:
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError) as error:
@@ -110,6 +112,10 @@ def parse_lidc_xml(path: str | Path) -> tuple[int, list[ReaderNodule]]:
     sessions = [node for node in root.iter() if _local(node.tag) == "readingSession"]
     if not sessions:
         raise ImageReadError(path, "no readingSession: not an LIDC reader XML")
+    return sessions
+
+
+def _contoured_nodules(sessions: list[ET.Element]) -> list[ReaderNodule]:
     nodules = []
     for reader, session in enumerate(sessions):
         for node in _children(session, "unblindedReadNodule"):
@@ -123,7 +129,46 @@ def parse_lidc_xml(path: str | Path) -> tuple[int, list[ReaderNodule]]:
                     if value is not None and value.isdigit():
                         characteristics[name] = int(value)
             nodules.append(ReaderNodule(reader, _text(node, "noduleID") or "", characteristics, rois))
-    return len(sessions), nodules
+    return nodules
+
+
+def _marks(sessions: list[ET.Element]) -> list[Roi]:
+    """Every mark of every reader: each nodule roi (contour or < 3 mm centroid) and each non-nodule."""
+    marks = []
+    for session in sessions:
+        for node in _children(session, "unblindedReadNodule"):
+            marks += [_roi(r) for r in _children(node, "roi")]
+        marks += [_roi(node) for node in _children(session, "nonNodule")]
+    return marks
+
+
+def parse_lidc_xml(path: str | Path) -> tuple[int, list[ReaderNodule]]:
+    """Parse an LIDC XML file -> (number of reading sessions, contoured nodules of every reader)."""
+    sessions = _sessions(Path(path))
+    return len(sessions), _contoured_nodules(sessions)
+
+
+def check_consensus(consensus: int) -> int:
+    """``consensus``, a number of readers >= 1 (whole numbers only: the fraction of earlier versions is refused)."""
+    if isinstance(consensus, bool) or not isinstance(consensus, (int, np.integer)) or consensus < 1:
+        raise ValueError(f"consensus must be a whole number of readers >= 1, got {consensus!r}")
+    return int(consensus)
+
+
+def mark_positions(marks: list[Roi], sop_uids: list[str], z_positions: list[float]) -> list[float]:
+    """Slice position of each mark in the volume, sorted: its index when its SOP UID is a slice of the
+    volume, else where its ``imageZposition`` falls on the volume's slice axis (fractional, or beyond
+    0..Z-1 for a mark outside a partial series); NaN when neither locates it."""
+    sop_index = {uid: i for i, uid in enumerate(sop_uids)}
+    z = np.asarray(z_positions, dtype=float)
+    step = (z[-1] - z[0]) / (len(z) - 1) if len(z) > 1 and z[-1] != z[0] else math.nan
+    positions = []
+    for mark in marks:
+        if mark.sop_uid in sop_index:
+            positions.append(float(sop_index[mark.sop_uid]))
+        else:
+            positions.append(float((mark.z - z[0]) / step))  # NaN without a step or a z
+    return sorted(positions)
 
 
 def _slice_index(roi: Roi, sop_index: dict[str, int], z_positions: np.ndarray, z_tolerance: float) -> int | None:
@@ -181,16 +226,17 @@ def lidc_consensus(
     sop_uids: list[str],
     z_positions: list[float],
     shape: tuple[int, int],
-    consensus: float = 0.5,
+    consensus: int = 2,
 ) -> LidcMasks:
-    """Consensus nodule mask (Z, Y, X) for the series slices ``sop_uids`` (ordered as the volume).
+    """Consensus nodule mask (Z, Y, X) for the series slices ``sop_uids`` (ordered as the volume):
+    voxels at least ``consensus`` readers include.
 
     ``z_positions`` are the slices' ImagePositionPatient z (the fallback match); ``shape`` is
     (rows, columns). Only contours on these slices count.
     """
-    if not 0.0 < consensus <= 1.0:
-        raise ValueError(f"consensus must be in (0, 1], got {consensus}")
-    n_sessions, nodules = parse_lidc_xml(xml_path)
+    consensus = check_consensus(consensus)
+    sessions = _sessions(Path(xml_path))
+    nodules = _contoured_nodules(sessions)
     reader_masks = [rasterise_nodule(n, sop_uids, z_positions, shape) for n in nodules]
     kept = [i for i, m in enumerate(reader_masks) if m.any()]
     mask = np.zeros((len(sop_uids), *shape), dtype=bool)
@@ -201,7 +247,7 @@ def lidc_consensus(
         votes = np.zeros(mask.shape, dtype=np.int32)
         for reader in readers:
             votes += np.any([reader_masks[kept[i]] for i in group if nodules[kept[i]].reader == reader], axis=0)
-        nodule_mask = votes >= consensus * len(readers) - 1e-9
+        nodule_mask = votes >= consensus
         mask |= nodule_mask
         matched.append(
             ConsensusNodule(
@@ -211,4 +257,4 @@ def lidc_consensus(
                 slices=[int(z) for z in np.flatnonzero(nodule_mask.any(axis=(1, 2)))],
             )
         )
-    return LidcMasks(mask, matched, n_sessions)
+    return LidcMasks(mask, matched, len(sessions), mark_positions(_marks(sessions), sop_uids, z_positions))
