@@ -8,14 +8,13 @@ The app and `lungnlb` use CUDA when present; this checks that the GPU path gives
 * latency: median ms per 512 x 512 slice and per 64-slice volume (the series' slices repeated up
   to 64), CUDA synchronised, after warm-up; the CPU's with the machine's cores for comparison.
 
-    python benchmarks/gpu_inference.py          # prints JSON
+    python -m benchmarks.gpu_inference          # prints JSON
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -23,11 +22,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from lungnlb.inference import Predictor  # noqa: E402
 from lungnlb.io import read_image  # noqa: E402
-from lungnlb.training.dataset import read_records  # noqa: E402
+from lungnlb.data.studies import read_records  # noqa: E402
 
 SAMPLE = ROOT / "sample_data" / "studies"
 

@@ -1,6 +1,6 @@
 """Why the app runs every forward pass on one model thread: the same forward on different threads.
 
-    .venv/bin/python benchmarks/model_thread.py [--calls 40] [--rounds 3]
+    .venv/bin/python -m benchmarks.model_thread [--calls 40] [--rounds 3]
 
 PyTorch's CPU kernels run on OpenMP (libgomp), which keeps a team of worker threads per thread
 that starts parallel regions and stops spin-waiting between regions once it manages more threads
@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from lungnlb.runtime import enable_huge_pages  # noqa: E402
 

@@ -15,7 +15,7 @@ latency below unet_sa, GFLOP/s >= 50% of matmul. Each latency target is judged t
 medians (the issue's figure, and the verdict reported as PASS/FAIL) and on the minima (the figure
 least disturbed by other processes; printed beside it).
 
-    python benchmarks/speed.py [--runs 20] [--models unet unet_sl_nlb ...] [--output speed.json]
+    python -m benchmarks.speed [--runs 20] [--models unet unet_sl_nlb ...] [--output speed.json]
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lungnlb.runtime import HUGE_PAGES, enable_huge_pages  # noqa: E402
 
 enable_huge_pages()  # as the lungnlb command and the server do; THP_MEM_ALLOC_ENABLE=0 measures without

@@ -7,7 +7,7 @@ and once more with every edge jittered by up to ``--jitter`` of the box side (se
 through `lungnlb.labels.box_to_mask` and two baselines computed in the same run (the filled box and
 the inscribed ellipse); Dice and IoU against the radiologist component are summarised per group.
 
-    .venv/bin/python benchmarks/watershed_quality.py [--data ../shared/data] [--out benchmarks/results]
+    .venv/bin/python -m benchmarks.watershed_quality [--data ../shared/data] [--out benchmarks/results]
 
 Prints the table, writes ``watershed_quality.json`` and ``watershed_worst.png`` (the 8 worst padded-box
 cases: image crop, radiologist contour in red, watershed contour in green, box in yellow).
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lungnlb.io import lidc_consensus, list_dicom_series, read_dicom_series, read_npz_slices  # noqa: E402
 from lungnlb.labels import WatershedParams, box_to_mask  # noqa: E402

@@ -9,7 +9,7 @@ at most half a grey level (1500 HU / 510 ~ 2.9 HU in the lung window). Case, sou
 mask and attribution are kept, so `lungnlb.training.split` puts every case in the same subset as
 in the full folder (splits are by case).
 
-    python benchmarks/compact_studies.py /tmp/lungnlb-paper-studies .gpu/studies
+    python -m experiments.compact_studies /tmp/lungnlb-paper-studies .gpu/studies
 """
 
 from __future__ import annotations
@@ -17,19 +17,17 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from lungnlb.io import read_image  # noqa: E402
 from lungnlb.io.volume import nifti_bytes  # noqa: E402
 from lungnlb.io.image import axial_affine  # noqa: E402
 from lungnlb.io.intensity import to_model_input  # noqa: E402
-from lungnlb.training.dataset import IMAGE_SUFFIX, read_records, slice_plan  # noqa: E402
+from lungnlb.data.studies import IMAGE_SUFFIX, read_records, slice_plan  # noqa: E402
 
 KEPT_KEYS = ("case", "source", "attribution", "label_method", "class_name")
 

@@ -15,7 +15,7 @@ side by side on one GPU within a wall-clock budget, with the gpu budget's recipe
 Writes `results.json` (probe, steps, per row: validation and test metrics, wall time, log tail) and
 each row's `<row>_best.pt` / `<row>_best.json` into --out.
 
-    python benchmarks/gpu_reference.py --data STUDIES --split SPLIT.json --out OUT --budget-s 270
+    python -m experiments.gpu_reference --data STUDIES --split SPLIT.json --out OUT --budget-s 270
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from lungnlb.training.loss import MultiTaskLoss  # noqa: E402
 from lungnlb.training.trainer import TrainConfig, build_network, train_step  # noqa: E402

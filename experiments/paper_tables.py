@@ -6,7 +6,7 @@ resolution with `lungnlb.evaluation.evaluate` (Dice / IoU over tumour slices, P 
 neoplasm present). Prints both tables as mean ± sd over seeds beside the paper's figures, checks
 the paper's claims, and compares `distance="paper"` with `distance="chebyshev"` for unet_sl_nlb.
 
-    python benchmarks/paper_tables.py --budget cpu --markdown docs/results.md
+    python -m experiments.paper_tables --budget cpu --markdown docs/results.md
 
 Budgets: smoke (seconds, a handful of cases, for the test), cpu (2 CPU cores), gpu (full size).
 """
@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from lungnlb.runtime import enable_huge_pages  # noqa: E402
 
@@ -51,7 +50,7 @@ BUDGETS = {
     # 300 steps: ~12 s per step for all 11 rows x 3 seeds on two idle cores, ~70 min in all
     "cpu": {"input_size": 128, "steps": 300, "batch_size": 4, "lr": 2e-3, "seeds": [0, 1, 2], "rows": ROWS,
             "max_cases": None, "chebyshev": True, "workers": 0},
-    # on an H200: 47-126 ms per step (benchmarks/gpu_reference.py); CPU augmentation needs workers to keep up
+    # on an H200: 47-126 ms per step (experiments/gpu_reference.py); CPU augmentation needs workers to keep up
     "gpu": {"input_size": 512, "steps": 3000, "batch_size": 16, "lr": 1e-3, "seeds": [0, 1, 2], "rows": ROWS,
             "max_cases": None, "chebyshev": True, "workers": 8},
 }
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     text = header + tables(runs, rows) + "\n" + claims(runs)
     print(text)
     if args.markdown:
-        command = "python benchmarks/paper_tables.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m experiments.paper_tables " + " ".join(argv if argv is not None else sys.argv[1:])
         args.markdown.write_text(f"# Results: the paper's tables on public data\n\nCommand: `{command}`\n\n{text}")
     return 0
 

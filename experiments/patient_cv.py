@@ -1,6 +1,6 @@
 """Leave-one-patient-out segmentation: the held-out Dice of every patient with tumour masks.
 
-The seed-0 patient split (benchmarks/paper_tables.py, the shipped weights' held-out figures) tests
+The seed-0 patient split (experiments/paper_tables.py, the shipped weights' held-out figures) tests
 segmentation on one patient, so its Dice describes one nodule. This script trains the recipe of the
 shipped weights once per patient with masks, holding that patient out:
 
@@ -13,24 +13,21 @@ and evaluates each fold's best checkpoint on its patient at native resolution (D
 tumour slices, `lungnlb.evaluation.evaluate`). Prints one row per patient and the mean, and writes
 them as JSON.
 
-    .venv/bin/python benchmarks/patient_cv.py [--steps 800] [--json benchmarks/results/patient_cv.json]
+    .venv/bin/python -m experiments.patient_cv [--steps 800] [--json experiments/results/patient_cv.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent))
-sys.path.insert(0, str(ROOT))
 
-from paper_tables import DATA, prepared, write_atomic  # noqa: E402  (enables huge pages before torch)
+from experiments.paper_tables import DATA, prepared, write_atomic  # noqa: E402  (enables huge pages before torch)
 
 from lungnlb.evaluation.evaluate import evaluate  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402

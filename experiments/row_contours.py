@@ -5,25 +5,23 @@ are tumour slices of the split's subset (evenly spaced over them), columns are c
 panel is a crop around the reference mask with the reference (green) and the checkpoint's mask at
 its threshold (red), titled with that slice's Dice.
 
-    python benchmarks/row_contours.py --data STUDIES --split SPLIT.json \
+    python -m experiments.row_contours --data STUDIES --split SPLIT.json \
         --checkpoints unet=OUT/unet_best.pt unet_sl_nlb=OUT/unet_sl_nlb_best.pt --out contours.png
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from lungnlb.evaluation.evaluate import predict_folder  # noqa: E402
+from lungnlb.evaluation.predict import predict_folder  # noqa: E402
 from lungnlb.evaluation.metrics import per_slice_segmentation  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402
-from lungnlb.training.dataset import IMAGE_SUFFIX, read_records  # noqa: E402
+from lungnlb.data.studies import IMAGE_SUFFIX, read_records  # noqa: E402
 from lungnlb.training.split import load_split  # noqa: E402
 from lungnlb.visualize import PREDICTION_COLOUR, REFERENCE_COLOUR, draw_slice, plt  # noqa: E402
 
@@ -63,7 +61,7 @@ def main() -> None:
     for item in args.checkpoints:
         name, _, path = item.partition("=")
         predictor = Predictor.from_checkpoint(path)
-        results = [r for r in predict_folder(args.data, predictor, image_ids) if r.mask is not None and r.mask.any()]
+        results = [r for r in predict_folder(args.data, predictor, image_ids)[0] if r.mask is not None and r.mask.any()]
         columns[name] = (results, predictor.threshold)
     tumour_slices = next(iter(columns.values()))[0]
     chosen = np.linspace(0, len(tumour_slices) - 1, min(args.slices, len(tumour_slices))).round().astype(int)

@@ -1,9 +1,9 @@
 """The helpers of the GPU reference run that can be checked without a GPU: the compact transport
-copy of a prepared folder (benchmarks/compact_studies.py) and the deadline of benchmarks/gpu_reference.py."""
+copy of a prepared folder (experiments/compact_studies.py) and the deadline of experiments/gpu_reference.py."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 import time
@@ -18,10 +18,7 @@ SAMPLE = REPO / "sample_data" / "studies"
 
 
 def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"experiments.{name}")
 
 
 def test_compact_copy_keeps_every_labelled_slice_within_half_a_grey_level(tmp_path):

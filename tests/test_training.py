@@ -192,8 +192,6 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
 
 @pytest.mark.slow
 def test_paper_tables_smoke_budget(tmp_path):
-    import importlib.util
-    from pathlib import Path
 
     from train_helpers import DATA
 
@@ -205,10 +203,8 @@ def test_paper_tables_smoke_budget(tmp_path):
         (src / "iq" / class_name).mkdir(parents=True)
         for jpeg in sorted((DATA / "iq-othnccd" / class_name).glob("*.jpg"))[:60:20]:  # three case blocks
             (src / "iq" / class_name / jpeg.name).symlink_to(jpeg)
-    spec = importlib.util.spec_from_file_location(
-        "paper_tables", Path(__file__).resolve().parents[1] / "benchmarks" / "paper_tables.py")
-    paper_tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paper_tables)
+    from experiments import paper_tables
+
     markdown = tmp_path / "results.md"
     assert paper_tables.main(["--budget", "smoke", "--data", str(src), "--cache", str(tmp_path / "studies"),
                               "--out", str(tmp_path / "out"), "--markdown", str(markdown)]) == 0
@@ -220,13 +216,8 @@ def test_paper_tables_smoke_budget(tmp_path):
 
 
 def test_patient_cv_folds_hold_out_each_masked_patient_once():
-    import importlib.util
-    from pathlib import Path
+    from experiments import patient_cv
 
-    spec = importlib.util.spec_from_file_location(
-        "patient_cv", Path(__file__).resolve().parents[1] / "benchmarks" / "patient_cv.py")
-    patient_cv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(patient_cv)
     records = [{"image_id": f"p{p}_{z}", "case": f"p{p}", "source": "lidc", "class_label": 1,
                 "labelled_slices": [0]} for p in range(4) for z in range(2)]
     records += [{"image_id": f"{c}{b}", "case": f"{c}/{b}", "source": "iq", "class_label": int(c == "m")}

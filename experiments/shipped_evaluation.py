@@ -1,0 +1,138 @@
+"""Evaluate the shipped weights on every kind of data in ../shared/data, per patient, and regenerate
+the evaluation section of docs/results.md from the result files.
+
+    .venv/bin/python -m experiments.shipped_evaluation [--data ../shared/data] [--checkpoint CKPT]
+
+Four evaluations (`lungnlb.evaluation.evaluate`, one report each in experiments/results/):
+- crops: the LIDC nodule crops, reference = at least 2 of 4 readers, patients the weights never saw;
+- vois: the LIDC nodule volumes (HU, majority masks), patients the weights never saw;
+- whole_unseen: the whole-slice sources (LIDC npz / DICOM, Lung-PET-CT-Dx, IQ-OTH/NCCD) less the
+  patients the weights trained on — what is left are their validation patients, which picked the
+  checkpoint and calibrated its threshold, and are flagged as such;
+- whole_all: the same with every patient, for the tumour-free far slices of the box-annotated CT
+  (never labelled in training, but their patient was trained on: flagged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from lungnlb.checkpoint import atomic_write
+from lungnlb.commands.train import prepared_folder
+from lungnlb.evaluation.evaluate import EXCLUDE, evaluate, seen_cases
+from lungnlb.evaluation.figures import froc_curve, patient_dice
+from lungnlb.inference import Predictor
+from lungnlb.stamp import run_stamp
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+WHOLE_SLICE_SOURCES = ("lidc-idri", "lung-pet-ct-dx", "iq-othnccd")
+SETS = {  # name: (folders under --data, patients left out)
+    "crops": (("lidc-nodules/crops",), "seen"),
+    "vois": (("lidc-nodules/vois",), "seen"),
+    "whole_unseen": (WHOLE_SLICE_SOURCES, "trained"),
+    "whole_all": (WHOLE_SLICE_SOURCES, "none"),
+}
+BEGIN, END = "<!-- shipped-evaluation:begin -->", "<!-- shipped-evaluation:end -->"
+
+
+def source_folder(data: Path, folders: tuple[str, ...], work: Path) -> Path:
+    """A folder holding links to ``folders`` of ``data`` (prepare reads one folder)."""
+    link_root = work / ("src_" + "_".join(f.replace("/", "-") for f in folders))
+    link_root.mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        link = link_root / folder.replace("/", "-")
+        if not link.exists():
+            link.symlink_to((data / folder).resolve(), target_is_directory=True)
+    return link_root
+
+
+def run_set(name: str, data: Path, work: Path, predictor: Predictor, n_bootstrap: int) -> dict:
+    folders, exclude = SETS[name]
+    studies = prepared_folder(source_folder(data, folders, work), work / ("studies_" + folders[0].replace("/", "-")))
+    report, _ = evaluate(studies, predictor, n_bootstrap=n_bootstrap, progress=True,
+                         exclude_cases=frozenset(seen_cases(predictor.config, exclude)), exclude_reason=EXCLUDE[exclude])
+    report.update(set=name, data=[str(data / f) for f in folders], model=predictor.config["model"]["name"], **run_stamp())
+    figures = [patient_dice(report, RESULTS / f"evaluation_{name}_patient_dice.png"),
+               froc_curve(report, RESULTS / f"evaluation_{name}_froc.png")]
+    report["figures"] = [str(p.relative_to(ROOT)) for p in figures if p is not None]
+    atomic_write(RESULTS / f"evaluation_{name}.json", lambda s: s.write(json.dumps(report, indent=1, default=float).encode()))
+    return report
+
+
+def _n(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _ci(report: dict, key: str) -> str:
+    interval = report["ci"].get(key)
+    return f"{_n(report.get(key))} ({interval[0]:.3f}–{interval[1]:.3f})" if interval else _n(report.get(key))
+
+
+def section(reports: dict[str, dict]) -> str:
+    """The Markdown of the evaluation section, from the reports alone."""
+    stamp = next(iter(reports.values()))
+    lines = [BEGIN, "", "## The shipped weights, per patient, on patients they never saw", "",
+             "    .venv/bin/python -m experiments.shipped_evaluation", "",
+             f"Generated {stamp['date']} at commit {stamp['commit']} from `experiments/results/evaluation_*.json`. "
+             "Intervals: 95%, resampling patients.", "",
+             "| set | patients | slices | Dice (tumour slices) | recall | specificity | F1 | left out |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in reports.items():
+        lines.append(f"| {name} | {r['n_patients']} | {r['n_slices']} | {_ci(r, 'dice')} | {_ci(r, 'recall')} | "
+                     f"{_ci(r, 'specificity')} | {_ci(r, 'f1')} | {r['excluded_patients']['count']}: "
+                     f"{r['excluded_patients']['why']} |")
+    crops = reports.get("crops", {}).get("readers")
+    if crops:
+        lines += ["", "Against the radiologists (crops, Dice):", "",
+                  "| | mean over slices | mean over patients |", "|---|---|---|",
+                  f"| model vs 2-of-4 consensus | {_n(crops['model_vs_consensus']['dice'])} | |",
+                  f"| model vs each reader | {_n(crops['model_vs_each_reader']['mean_over_slices'])} | "
+                  f"{_n(crops['model_vs_each_reader']['mean_over_patients'])} |",
+                  f"| each reader vs >= 2 of the others | {_n(crops['human_reference']['mean_over_slices'])} | "
+                  f"{_n(crops['human_reference']['mean_over_patients'])} |"]
+    lines += ["", "Tumour-free whole slices:", "",
+              "| set | tumour-free slices | called tumour | FP components / slice | lesion sensitivity | FROC score |",
+              "|---|---|---|---|---|---|"]
+    for name, r in reports.items():
+        t = r.get("tumour_free")
+        if t and t["n_tumour_free_slices"]:
+            froc = t.get("froc", {}).get("score")
+            lines.append(f"| {name} | {t['n_tumour_free_slices']} | {_n(t['false_positive_rate'])} | "
+                         f"{_n(t['false_positive_components_per_slice'])} | {_n(t['lesion_sensitivity'])} | {_n(froc)} |")
+    lines += [""] + [f"![{name}](../{figure})" for name, r in reports.items() for figure in r["figures"]] + ["", END]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace the generated section of ``path`` (or append it)."""
+    current = path.read_text(encoding="utf-8")
+    if BEGIN in current and END in current:
+        current = current[: current.index(BEGIN)] + text + current[current.index(END) + len(END):]
+    else:
+        current = current.rstrip() + "\n\n" + text + "\n"
+    atomic_write(path, lambda s: s.write(current.encode("utf-8")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--checkpoint", type=Path, help="default: the shipped weights")
+    parser.add_argument("--work", type=Path, help="where the studies folders are prepared (default: a temp folder)")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
+    args = parser.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="lungnlb-shipped-evaluation-"))
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+    reports = {name: run_set(name, args.data, work, predictor, args.bootstrap) for name in args.sets}
+    write_section(args.docs, section(reports))
+    print(section(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
