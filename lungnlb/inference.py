@@ -50,7 +50,7 @@ class Predictor:
 
     Args:
         model: a registry model (returns {"seg", "cls"} or {"cls"} logits).
-        config: its checkpoint config (needs `input_size`; `intensity.window` optional).
+        config: its checkpoint config (needs `input_size`; `intensity`, the recorded `IntensityMapping`, optional).
         device: torch device for the forward pass.
         batch_size: slices per forward pass.
     """
@@ -65,8 +65,9 @@ class Predictor:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.input_size = tuple(int(v) for v in config["input_size"])
-        window = (config.get("intensity") or {}).get("window")
-        self.window = tuple(window) if window is not None else None
+        from lungnlb.io.intensity import IntensityMapping
+
+        self.intensity = IntensityMapping.from_config(config.get("intensity"))
 
     @classmethod
     def from_checkpoint(
@@ -93,11 +94,9 @@ class Predictor:
 
     def model_input(self, array: np.ndarray, intensity: str) -> np.ndarray:
         """Map `array` (any source intensity) to the model's input range [0, 1] (float32)."""
-        from lungnlb.io.intensity import to_model_input
-
         # a writable copy: callers may hand in read-only (cached) arrays, on which torch.as_tensor
         # (inside MONAI's ScaleIntensityRange) warns that the array is not writable
-        return to_model_input(np.array(array, dtype=np.float32), intensity, window=self.window)
+        return self.intensity(np.array(array, dtype=np.float32), intensity)
 
     @torch.no_grad()
     def predict(self, array: np.ndarray, intensity: str) -> PredictionResult:

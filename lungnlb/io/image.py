@@ -9,8 +9,9 @@ Conventions (see docs/data.md):
   `write_nifti` writes (whose data array is ``array`` transposed to ``(X, Y[, Z])``).
 * ``spacing`` is in ``array`` axis order, millimetres.
 * ``intensity`` says what the values are: ``"hu"`` (Hounsfield units), ``"windowed8bit"`` (0..255
-  grey levels, already windowed by a publisher), ``"crops8bit"`` (the 8-bit LIDC nodule crops, whose
-  publisher's window is fitted back to HU in `lungnlb.io.intensity`) or ``"normalized"`` (the LIDC npz
+  grey levels, already windowed by a publisher), ``"crops8bit"`` (the 8-bit LIDC nodule crops, each
+  rescaled by the publisher to its own minimum and maximum; brought back to HU per crop in
+  `lungnlb.io.intensity`) or ``"normalized"`` (the LIDC npz
   slices).
 """
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from torch.utils.data import Dataset
 
 from lungnlb.data.studies import IMAGE_SUFFIX, read_records, slice_plan
 from lungnlb.inference import resize_batch
+
+if TYPE_CHECKING:
+    from lungnlb.io.intensity import IntensityMapping
 
 
 @dataclass
@@ -48,9 +51,13 @@ def _resize(array: np.ndarray, size: tuple[int, int], is_mask: bool = False) -> 
 
 
 def load_image_slices(
-    studies: str | Path, record: dict[str, Any], input_size: tuple[int, int] | None
+    studies: str | Path,
+    record: dict[str, Any],
+    input_size: tuple[int, int] | None,
+    mapping: IntensityMapping | None = None,
 ) -> list[SliceSample]:
-    """All labelled slices of one prepared image (resized to `input_size` unless None)."""
+    """All labelled slices of one prepared image (resized to `input_size` unless None), through `mapping`
+    (the library's `IntensityMapping` when None)."""
     from lungnlb.io import read_image
     from lungnlb.io.intensity import to_model_input
 
@@ -61,7 +68,7 @@ def load_image_slices(
     mask = read_image(mask_path).array > 0.5 if mask_path.is_file() else None
     if mask is not None and mask.shape != image.array.shape:
         raise ValueError(f"mask {mask_path} has shape {mask.shape}, image has {image.array.shape}")
-    array = to_model_input(image.array, record.get("intensity", image.intensity))
+    array = to_model_input(image.array, record.get("intensity", image.intensity), mapping)
     samples = []
     for z, has_mask, label in slice_plan(record, mask, array.ndim):
         plane = array if array.ndim == 2 else array[z]
@@ -80,8 +87,9 @@ def load_slices(
     image_ids: list[str] | None = None,
     records: list[dict[str, Any]] | None = None,
     progress: bool = False,
+    mapping: IntensityMapping | None = None,
 ) -> list[SliceSample]:
-    """Labelled slices of the images `image_ids` (all when None) of a prepared studies folder."""
+    """Labelled slices of the images `image_ids` (all when None) of a prepared studies folder, through `mapping`."""
     records = records if records is not None else read_records(studies)
     if image_ids is not None:
         wanted = set(image_ids)
@@ -90,7 +98,7 @@ def load_slices(
         from tqdm.auto import tqdm
 
         records = tqdm(records, desc="loading slices", unit="image")
-    return [sample for record in records for sample in load_image_slices(studies, record, input_size)]
+    return [sample for record in records for sample in load_image_slices(studies, record, input_size, mapping)]
 
 
 class SliceDataset(Dataset):

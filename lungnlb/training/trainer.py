@@ -34,6 +34,7 @@ from lungnlb.evaluation.metrics import (
     per_slice_segmentation,
     summarize_segmentation,
 )
+from lungnlb.io.intensity import IntensityMapping
 from lungnlb.training.augment import train_transforms
 from lungnlb.training.dataset import SliceDataset, SliceSample, load_slices, read_records
 from lungnlb.training.loss import MultiTaskLoss
@@ -265,11 +266,13 @@ def build_network(config: TrainConfig) -> nn.Module:
     return build_model(config.model, in_channels=1, **config.model_kwargs)
 
 
-def checkpoint_config(config: TrainConfig, summary: dict[str, Any], metrics: dict[str, Any], step: int) -> dict:
+def checkpoint_config(
+    config: TrainConfig, summary: dict[str, Any], metrics: dict[str, Any], step: int, mapping: IntensityMapping
+) -> dict:
     return {
         "model": {"name": config.model, "kwargs": config.model_kwargs, "in_channels": 1},
         "input_size": [config.input_size, config.input_size],
-        "intensity": {"mapping": "lungnlb.io.intensity.to_model_input", "window": None},
+        "intensity": mapping.as_config(),
         "threshold": 0.5,
         "cls_logit_offset": metrics.get("cls_logit_offset", 0.0),
         "training_data": summary,
@@ -295,8 +298,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     segmentation = is_segmentation_model(config.model)
     size = (config.input_size, config.input_size)
-    train_samples = load_slices(config.data, size, split["images"]["train"], records, progress=config.progress and rank == 0)
-    val_samples = load_slices(config.data, size, split["images"]["val"], records) if rank == 0 else []
+    # the library's constants, recorded in every checkpoint of the run so its weights get this input later
+    mapping = IntensityMapping()
+    train_samples = load_slices(
+        config.data, size, split["images"]["train"], records, progress=config.progress and rank == 0, mapping=mapping
+    )
+    val_samples = load_slices(config.data, size, split["images"]["val"], records, mapping=mapping) if rank == 0 else []
     if not segmentation:
         train_samples = [s for s in train_samples if s.class_label is not None]
     if not train_samples:
@@ -337,7 +344,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     running = None
 
     def save(name: str, metrics: dict[str, Any]) -> None:
-        save_checkpoint(out / name, model, checkpoint_config(config, summary, metrics, step))
+        save_checkpoint(out / name, model, checkpoint_config(config, summary, metrics, step, mapping))
 
     while step < config.steps:
         network.train()

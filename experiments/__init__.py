@@ -1,0 +1,1 @@
+"""Calibrations and measurements that set the library's constants; run as ``python -m experiments.<name>``."""
