@@ -27,7 +27,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ enable_huge_pages()  # as the lungnlb command and the server do; THP_MEM_ALLOC_E
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from lungnlb.io.atomic import atomic_write_text  # noqa: E402
 from lungnlb.networks import build_model, list_models  # noqa: E402
 
 SIZE = 512
@@ -193,10 +193,7 @@ def print_table(report: dict) -> None:
 
 
 def write_json_atomic(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(report, handle, indent=2)
-    os.replace(handle.name, path)
+    atomic_write_text(path, json.dumps(report, indent=2))
 
 
 def main() -> int:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 
+from lungnlb.io.atomic import atomic_write, atomic_write_text  # noqa: E402
 from lungnlb.io import lidc_consensus, list_dicom_series, read_dicom_series, read_npz_slices  # noqa: E402
 from lungnlb.labels import WatershedParams, box_to_mask  # noqa: E402
 from lungnlb.labels.quality import (  # noqa: E402
@@ -167,22 +166,9 @@ def worst_cases_png(path: Path, cases: list[Case], rows: list[dict], count: int 
         ax.axis("off")
     fig.suptitle("worst watershed cases (red: radiologist, green: watershed, yellow: box)", fontsize=10)
     fig.tight_layout()
-    _atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    atomic_write(path, lambda stream: fig.savefig(stream, dpi=90, format="png"))
     plt.close(fig)
     return [r["case"] for r in padded]
-
-
-def _atomic_save(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "worst_cases": worst,
         "cases": rows,
     }
-    _atomic_save(args.out / "watershed_quality.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+    atomic_write_text(args.out / "watershed_quality.json", json.dumps(report, indent=1))
     print(f"wrote {args.out / 'watershed_quality.json'} and {args.out / 'watershed_worst.png'}")
     return 0
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch  # noqa: E402
 
 from lungnlb.evaluation.evaluate import evaluate  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402
+from lungnlb.io.atomic import atomic_write_text  # noqa: E402
 from lungnlb.networks import is_segmentation_model, list_models  # noqa: E402
 from lungnlb.training import TrainConfig, make_split, read_records, save_split, train  # noqa: E402
 
@@ -164,12 +164,6 @@ def claims(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
@@ -198,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in budget["seeds"]:
             runs.append(run_row(row, seed, budget, studies, split_path, split["images"]["test"], args.out))
             print(json.dumps(runs[-1], default=float), flush=True)
-            write_atomic(args.out / "runs.json", json.dumps(runs, indent=2, default=float))  # kept if stopped
+            atomic_write_text(args.out / "runs.json", json.dumps(runs, indent=2, default=float))  # kept if stopped
     settings = {k: budget[k] for k in ("input_size", "steps", "batch_size", "lr", "seeds")}
     header = (f"Budget `{args.budget}`: {settings}; split {split_path.name} (seed 0, by patient / case block); "
               f"test: {len(split['images']['test'])} images of cases {', '.join(split['cases']['test'])}.\n\n")

@@ -27,9 +27,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 
-from experiments.paper_tables import DATA, prepared, write_atomic  # noqa: E402  (enables huge pages before torch)
+from experiments.paper_tables import DATA, prepared  # noqa: E402  (enables huge pages before torch)
 
 from lungnlb.evaluation.evaluate import evaluate  # noqa: E402
+from lungnlb.io.atomic import atomic_write_text  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402
 from lungnlb.training import TrainConfig, make_split, read_records, save_split, train  # noqa: E402
 from lungnlb.training.split import with_images  # noqa: E402
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mean Dice over {len(rows)} held-out patients: {np.mean(dice):.3f} (median {np.median(dice):.3f})")
     if args.json:
         settings = {k: getattr(args, k) for k in ("model", "input_size", "steps", "batch_size", "lr")}
-        write_atomic(args.json, json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
     return 0
 
 

@@ -20,11 +20,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from lungnlb.checkpoint import atomic_write
 from lungnlb.commands.train import prepared_folder
 from lungnlb.evaluation.evaluate import EXCLUDE, evaluate, seen_cases
 from lungnlb.evaluation.figures import froc_curve, patient_dice
 from lungnlb.inference import Predictor
+from lungnlb.io.atomic import atomic_write_text
 from lungnlb.stamp import run_stamp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def run_set(name: str, data: Path, work: Path, predictor: Predictor, n_bootstrap
     figures = [patient_dice(report, RESULTS / f"evaluation_{name}_patient_dice.png"),
                froc_curve(report, RESULTS / f"evaluation_{name}_froc.png")]
     report["figures"] = [str(p.relative_to(ROOT)) for p in figures if p is not None]
-    atomic_write(RESULTS / f"evaluation_{name}.json", lambda s: s.write(json.dumps(report, indent=1, default=float).encode()))
+    atomic_write_text(RESULTS / f"evaluation_{name}.json", json.dumps(report, indent=1, default=float))
     return report
 
 
@@ -114,7 +114,7 @@ def write_section(path: Path, text: str) -> None:
         current = current[: current.index(BEGIN)] + text + current[current.index(END) + len(END):]
     else:
         current = current.rstrip() + "\n\n" + text + "\n"
-    atomic_write(path, lambda s: s.write(current.encode("utf-8")))
+    atomic_write_text(path, current)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 import lungnlb
+from lungnlb.io.atomic import atomic_write
 
 FORMAT = "lungnlb-checkpoint/1"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -46,24 +46,6 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     path = Path(path)
     stem = path.with_suffix("") if path.suffix in (".pt", ".json") else path
     return stem.with_name(stem.name + ".pt"), stem.with_name(stem.name + ".json")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(file_object)` on a temporary file beside `path`, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    # created 0666 minus the umask, as a plain open() would (mkstemp's 0600 would hide the model
-    # from other users), exclusively, so a name clash can never clobber another writer's file
-    handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lungnlb.checkpoint import atomic_write, checkpoint_paths, build_from_config, load_model
+from lungnlb.checkpoint import build_from_config, checkpoint_paths, load_model
+from lungnlb.io.atomic import atomic_write, atomic_write_text
 
 
 class SegClsOutputs(nn.Module):
@@ -186,9 +186,6 @@ def export_bundle(checkpoint: str | os.PathLike, folder: str | os.PathLike) -> P
         folder / "docs" / "README.md": _bundle_readme(config),
     }
     for path, text in texts.items():
-        atomic_write(path, lambda stream, text=text: stream.write(text.encode("utf-8")))
-    (folder / "models").mkdir(parents=True, exist_ok=True)
-    tmp = folder / "models" / ".model.pt.tmp"
-    shutil.copyfile(weights_path, tmp)
-    os.replace(tmp, folder / "models" / "model.pt")
+        atomic_write_text(path, text)
+    atomic_write(folder / "models" / "model.pt", lambda stream: stream.write(weights_path.read_bytes()))
     return folder

@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from lungnlb.checkpoint import atomic_write
+from lungnlb.io.atomic import atomic_write
 from lungnlb.io import (
     ImageData,
     ImageReadError,

@@ -14,7 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from lungnlb.checkpoint import atomic_write
+from lungnlb.io.atomic import atomic_write_text
 
 from lungnlb.commands.train import DEFAULT_CONSENSUS, prepared_folder
 from lungnlb.evaluation.crops import CROP_RULES
@@ -41,10 +41,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "'trained' (keep the validation patients), 'none' (flagged in the report)")
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
-
-
 def run(args: argparse.Namespace) -> int:
     from lungnlb.data.studies import read_records
     from lungnlb.evaluation.evaluate import EXCLUDE, evaluate, seen_cases, to_markdown
@@ -67,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     report.update(run_stamp())
     if args.figures is not None:
         report["figures"] = [str(p) for p in _figures(args, predictor, report, results)]
-    _atomic_text(args.out, json.dumps(report, indent=2, default=float))
-    _atomic_text(args.out.with_suffix(".md"), to_markdown(report, f"LungNLB evaluation: {report['model']}"))
+    atomic_write_text(args.out, json.dumps(report, indent=2, default=float))
+    atomic_write_text(args.out.with_suffix(".md"), to_markdown(report, f"LungNLB evaluation: {report['model']}"))
     print(to_markdown(report, f"LungNLB evaluation: {report['model']}"))
     return 0
 

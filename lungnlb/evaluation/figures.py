@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lungnlb.checkpoint import atomic_write  # noqa: E402
+from lungnlb.io.atomic import atomic_write  # noqa: E402
 from lungnlb.evaluation.metrics import dice_iou, precision_recall_curve  # noqa: E402
 from lungnlb.evaluation.predict import SliceResult  # noqa: E402
 from lungnlb.inference import resize_batch  # noqa: E402

@@ -7,14 +7,14 @@ memory `ImageData.array` is the transpose, (Z, Y, X) / (Y, X).
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
+import gzip
 from pathlib import Path
 
 import nibabel as nib
 import nrrd
 import numpy as np
 
+from lungnlb.io.atomic import atomic_write
 from lungnlb.io.image import ImageData, ImageReadError
 
 LPS_SPACES = {"left-posterior-superior", "LPS"}
@@ -99,21 +99,12 @@ def _nifti_header_block(shape: tuple[int, ...], dtype: str, affine: bytes) -> by
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype: type = np.float32) -> Path:
     """Write ``array`` ((Z, Y, X) or (Y, X), `ImageData` order) as NIfTI at ``path``, atomically.
 
-    The header is `nifti_image`'s. The data go to a temporary file in the target folder first and
-    are moved in place with ``os.replace``.
+    The header is `nifti_image`'s; ``.nii.gz`` is gzip level 1 (nibabel's own default level).
     """
     path = Path(path)
     if array.ndim not in (2, 3):
         raise ValueError(f"{path}: write_nifti needs a 2D or 3D array, got shape {array.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = nifti_image(array, affine, dtype)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    content = nifti_image(array, affine, dtype).to_bytes()
+    if path.name.endswith(".gz"):
+        content = gzip.compress(content, compresslevel=1, mtime=0)
+    return atomic_write(path, lambda stream: stream.write(content))

@@ -20,6 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from lungnlb.io.atomic import atomic_write_text
+
 SUBSETS = ("train", "val", "test")
 
 
@@ -84,12 +86,7 @@ def all_train_split(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def save_split(split: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a split JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(split, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(split, indent=2))
 
 
 def load_split(path: str | os.PathLike, records: list[dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -1,0 +1,72 @@
+"""The library's layers point down only: io -> data -> models -> engine -> commands.
+
+Each module of `lungnlb` belongs to one layer (`LAYERS`); it may import from its own layer and the
+layers below, never above, and no two packages import each other (directly or in a loop).
+Benchmarks, experiments, the app and the tests sit above the library and are not imported by it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lungnlb"
+LAYERS = {  # module or package under lungnlb -> layer (lower imports nothing higher)
+    "__init__": 0, "stamp": 0, "io": 0,
+    "data": 1, "labels": 1, "prepare": 1,
+    "blocks": 2, "networks": 2, "runtime": 2,
+    "checkpoint": 3, "inference": 3, "training": 3, "evaluation": 3, "export": 3, "explain": 3, "visualize": 3,
+    "commands": 4, "cli": 4,
+}
+
+
+def _unit(path: Path) -> str:
+    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+
+
+def _imports(path: Path) -> set[str]:
+    """The top-level modules of lungnlb (and the foreign roots) that ``path`` imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: within the same package
+                base = path.parent.relative_to(PACKAGE).parts[: max(0, len(path.parent.relative_to(PACKAGE).parts) - node.level + 1)]
+                found.add(base[0] if base else (node.module or "").split(".")[0])
+            elif node.module:
+                parts = node.module.split(".")
+                found.add(parts[1] if parts[0] == "lungnlb" and len(parts) > 1 else "@" + parts[0])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                found.add(parts[1] if parts[0] == "lungnlb" and len(parts) > 1 else "@" + parts[0])
+    return found
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_module_has_a_layer():
+    assert {_unit(p) for p in MODULES} <= set(LAYERS), "add new modules of lungnlb to LAYERS"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_down(path):
+    unit = _unit(path)
+    upward = [name for name in _imports(path) if name in LAYERS and LAYERS[name] > LAYERS[unit]]
+    foreign = [name for name in _imports(path) if name in ("@monailabel", "@tests", "@benchmarks", "@experiments", "@apps")]
+    assert not upward, f"{path.name} ({unit}, layer {LAYERS[unit]}) imports the higher {upward}"
+    assert not foreign, f"{path.name} imports {foreign}: the library stays below the app, tests and experiments"
+
+
+def test_no_two_packages_import_each_other():
+    graph: dict[str, set[str]] = {}
+    for path in MODULES:
+        graph.setdefault(_unit(path), set()).update(n for n in _imports(path) if n in LAYERS and n != _unit(path))
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ()))
+
+    loops = sorted(unit for unit in graph if reaches(unit, unit, {unit}))
+    assert not loops, f"import loops through {loops}"
