@@ -16,12 +16,12 @@ from lungnlb.evaluation.metrics import (
     average_precision,
     bootstrap_ci,
     classification_metrics,
-    dice_iou,
     f1_best_threshold,
     per_slice_segmentation,
     summarize_segmentation,
 )
 from lungnlb.networks import build_model
+from lungnlb.overlap import dice_iou
 from train_helpers import DATA, TINY_KWARGS
 
 

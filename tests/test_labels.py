@@ -10,7 +10,8 @@ import pytest
 
 from lungnlb.io import read_npz_slices
 from lungnlb.labels import WatershedParams, box_to_mask, points_to_mask
-from lungnlb.labels.quality import bounding_box, dice, filled_box, inscribed_ellipse, iou, jitter_box, mask_components
+from lungnlb.labels.quality import bounding_box, filled_box, inscribed_ellipse, jitter_box, mask_components
+from lungnlb.overlap import dice, dice_iou
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # benchmark (benchmarks/watershed_quality.py): 0.858 mean Dice on the npz slices with 3-px padded boxes
@@ -121,7 +122,7 @@ def test_quality_helpers():
     a[2:6, 2:6] = True
     b = np.zeros((8, 8), bool)
     b[2:6, 4:8] = True
-    assert dice(a, b) == pytest.approx(0.5) and iou(a, b) == pytest.approx(8 / 24)
+    assert dice(a, b) == pytest.approx(0.5) and dice_iou(a, b)[1] == pytest.approx(8 / 24)
     assert bounding_box(a, pad=3) == (0, 0, 7, 7)
     assert filled_box(a.shape, (2, 2, 5, 5)).sum() == 16
     assert inscribed_ellipse(a.shape, (2, 2, 5, 5)).sum() < 16

@@ -12,8 +12,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from lungnlb.io.atomic import atomic_write  # noqa: E402
-from lungnlb.evaluation.metrics import dice_iou, precision_recall_curve  # noqa: E402
+from lungnlb.evaluation.metrics import precision_recall_curve  # noqa: E402
 from lungnlb.evaluation.predict import SliceResult  # noqa: E402
+from lungnlb.overlap import dice_iou  # noqa: E402
 from lungnlb.inference import resize_batch  # noqa: E402
 
 

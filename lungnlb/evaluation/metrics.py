@@ -28,18 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-
-def dice_iou(prediction: np.ndarray, target: np.ndarray) -> tuple[float, float]:
-    """Dice and IoU of two boolean masks (1.0, 1.0 when both are empty)."""
-    prediction, target = np.asarray(prediction, bool), np.asarray(target, bool)
-    if prediction.shape != target.shape:
-        raise ValueError(f"prediction shape {prediction.shape} differs from target shape {target.shape}")
-    intersection = np.logical_and(prediction, target).sum()
-    total = prediction.sum() + target.sum()
-    if total == 0:
-        return 1.0, 1.0
-    union = total - intersection
-    return float(2 * intersection / total), float(intersection / union)
+from lungnlb.overlap import dice_iou
 
 
 def per_slice_segmentation(

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lungnlb.evaluation.metrics import dice_iou, lesion_detection
+from lungnlb.evaluation.metrics import lesion_detection
 from lungnlb.evaluation.predict import SliceResult
+from lungnlb.overlap import dice_iou
 
 MIN_OTHER_READERS = 2
 

@@ -10,18 +10,6 @@ from skimage.draw import ellipse
 from lungnlb.labels.validation import Box, check_box
 
 
-def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Dice = 2 |P ∩ R| / (|P| + |R|) of two bool masks of one shape (1.0 when both are empty)."""
-    total = int(prediction.sum()) + int(reference.sum())
-    return 1.0 if total == 0 else 2.0 * int((prediction & reference).sum()) / total
-
-
-def iou(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """IoU = |P ∩ R| / |P ∪ R| of two bool masks of one shape (1.0 when both are empty)."""
-    union = int((prediction | reference).sum())
-    return 1.0 if union == 0 else int((prediction & reference).sum()) / union
-
-
 def mask_components(mask: np.ndarray, min_pixels: int = 10) -> list[np.ndarray]:
     """The 8-connected components of a (H, W) bool mask with at least `min_pixels` pixels, as bool masks."""
     labels, count = ndi.label(mask, structure=np.ones((3, 3), dtype=bool))
