@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lungnlb.cli import main
+from lungnlb.commands.train import prepared_folder
 from lungnlb.io import ImageReadError, read_crop_file, read_dicom_series, read_voi_file
 from lungnlb.prepare import prepare
 
@@ -258,3 +259,14 @@ def test_bad_files_are_errors_naming_the_file(crop_files, voi_files, tmp_path):
     assert summary.written["lidc-crops"] >= 1 and len(summary.skipped) == len(expected) + 2
     for path, problem in [*expected.items(), (unknown, "npz of no known layout"), (src / "corrupt.npz", "unreadable or corrupt")]:
         assert any(line.startswith(str(path)) and problem in line for line in summary.skipped), (path, summary.skipped)
+
+
+def test_prepared_folder_follows_the_consensus(crop_files, tmp_path):
+    """`lungnlb evaluate --data SRC` prepares SRC through `prepared_folder`; a cache made with another
+    consensus is brought up to date, a prepared folder is used as it is."""
+    _link(crop_files[0], tmp_path / "src" / crop_files[0].name)
+    cache = tmp_path / "cache"
+    consensus = lambda: {json.loads(p.read_text())["params"]["consensus"] for p in (cache / "meta").glob("*.json")}  # noqa: E731
+    assert prepared_folder(tmp_path / "src", cache, consensus=3) == cache and consensus() == {3}
+    assert prepared_folder(tmp_path / "src", cache) == cache and consensus() == {2}
+    assert prepared_folder(cache, tmp_path / "unused") == cache and not (tmp_path / "unused").exists()
