@@ -50,7 +50,7 @@ BUDGETS = {
     # 300 steps: ~12 s per step for all 11 rows x 3 seeds on two idle cores, ~70 min in all
     "cpu": {"input_size": 128, "steps": 300, "batch_size": 4, "lr": 2e-3, "seeds": [0, 1, 2], "rows": ROWS,
             "max_cases": None, "chebyshev": True, "workers": 0},
-    # on an H200: 47-126 ms per step (experiments/gpu_reference.py); CPU augmentation needs workers to keep up
+    # a GPU step is short (experiments/gpu_reference.py measures it): CPU augmentation needs workers to keep up
     "gpu": {"input_size": 512, "steps": 3000, "batch_size": 16, "lr": 1e-3, "seeds": [0, 1, 2], "rows": ROWS,
             "max_cases": None, "chebyshev": True, "workers": 8},
 }

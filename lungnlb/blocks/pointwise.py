@@ -4,8 +4,8 @@ Same parameters and result as `nn.Conv2d(in, out, kernel_size=1, bias=bias)`, fo
 
     y[b, :, p] = weight @ x[b, :, p] + bias (+ add[b, :, p])        for every pixel p
 
-oneDNN's 1x1 convolution kernel is up to ~30x slower than the equivalent matrix product for some
-channel counts on CPU (64 -> 48 channels at 128x128: 36 ms against 1.1 ms, one thread). The
+oneDNN's 1x1 convolution kernel is many times slower than the equivalent matrix product for some
+channel counts on CPU (`benchmarks/speed.py` measures the whole model). The
 product runs on a view, never a copy: (B, C, H*W) for NCHW input (y = W x), (B, H*W, C) for
 channels_last input (y^T = x^T W^T, output channels_last too). Bias and an optional residual
 `add` are folded into the same call (torch.baddbmm).

@@ -5,8 +5,8 @@ For x of shape (B, C, H, W), per sample b and channel c over the H x W pixels:
     y[b, c] = (x[b, c] - mean) / sqrt(var + eps) * weight[c] + bias[c]      (biased variance)
 
 which is exactly group normalisation with C groups. `torch.instance_norm` reshapes to
-(1, B*C, H, W) and runs batch norm: on CPU that is ~1.7-2.5x slower than the group-norm kernel
-(32 x 512 x 512: 20 ms against 12 ms on two quiet threads, 45 against 18 under load).
+(1, B*C, H, W) and runs batch norm, which on CPU is markedly slower than the group-norm kernel
+(`benchmarks/speed.py` measures the whole model).
 `FastInstanceNorm2d` has the same parameters and state_dict keys as `nn.InstanceNorm2d`, so
 checkpoints load either way; outputs agree to float32 rounding (max error ~1e-6 against a
 float64 reference, the same as `torch.instance_norm`).
@@ -18,8 +18,7 @@ standard deviations and by 2 for one of 200 (torch 2.14). Instance norm does not
 per-channel constant is subtracted, so the input is first centred on the mean of a strided
 subsample (about 1024 pixels per channel): the remaining mean is then small against the spread
 of the values and the one-pass variance is exact to float32 rounding again. Centring costs
-one pass, copying to NCHW and back two (32 x 512 x 512 on two threads: centre + NHWC kernel
-21 ms, against 12 ms for the NCHW kernel on NCHW input and ~45 ms for a round trip through NCHW).
+one pass over the tensor, copying to NCHW and back would cost two.
 
 Inference only: with autograd recording, the forward is `torch.instance_norm` itself, because
 the group-norm backward loses precision in the same way for channels with a large mean
