@@ -3,6 +3,7 @@ LIDC data in ../shared/data, and a tiny untrained-but-valid checkpoint."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -120,3 +121,12 @@ def in_process_client(studies: Path, conf: dict[str, str], **settings_values) ->
         clear_cache()
         for key in settings_values:
             setattr(settings, key, previous[key])
+
+
+def studies_snapshot(studies: Path) -> dict[str, str]:
+    """Digest of every file the datastore owns (images, labels, datastore JSON, provenance)."""
+    return {
+        str(p.relative_to(studies)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(studies.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }

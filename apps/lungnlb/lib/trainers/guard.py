@@ -58,6 +58,8 @@ class TrainerLock:
 
     def is_held(self) -> bool:
         """Whether some process holds the lock now (a run is running)."""
+        if not self.path.is_file():  # asking must not create the file (it lives in the studies folder)
+            return False
         with self._open() as stream:
             try:
                 fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
