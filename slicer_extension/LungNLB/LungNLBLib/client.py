@@ -15,16 +15,24 @@ Endpoints used (paths, parameters and bodies as the server's FastAPI routes defi
     DELETE /train/                                stop training
 """
 
+import base64
+import ipaddress
 import json
+import os
 import socket
+import ssl
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from http.client import HTTPException
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 from .errors import (
+    AuthenticationError,
     InvalidResponseError,
+    RequestCancelled,
+    TLSError,
     RequestRejectedError,
     ServerTimeoutError,
     ServerUnavailableError,
@@ -49,22 +57,72 @@ class InferResult(NamedTuple):
     filename: Optional[str]
 
 
+CHUNK = 1 << 20  # bytes read between two looks at the cancel flag and two progress reports
+
+
+class Credentials(NamedTuple):
+    """How to log in: HTTP basic auth (``username`` + ``password``) or a bearer ``token``; empty means none."""
+
+    username: str = ""
+    password: str = ""
+    token: str = ""
+
+    def header(self) -> Optional[str]:
+        if self.token:
+            return "Bearer " + self.token
+        if self.username:
+            pair = f"{self.username}:{self.password}".encode("utf-8")
+            return "Basic " + base64.b64encode(pair).decode("ascii")
+        return None
+
+
 class MonaiLabelClient:
     """Talks to one MONAI Label server; every failure is raised as a ``LungNLBLib.errors.ClientError``.
 
     ``timeout`` (seconds) bounds quick calls (info, datastore, submit); ``infer_timeout`` bounds inference.
+    ``credentials`` are sent only over https or to this machine (a password in clear over the network
+    would be readable by anyone on the path). ``ca_bundle``: a PEM file of the CA(s) that signed an
+    https server's certificate (an organisation's internal CA); the system's CAs otherwise. Certificates
+    are always verified. ``cancel``: an Event that stops a running request between two chunks (the
+    worker thread then raises RequestCancelled); ``progress(done_bytes, total_bytes_or_None)`` is called
+    while an answer downloads.
     """
 
-    def __init__(self, server_url: str, timeout: float = 30.0, infer_timeout: float = 600.0, client_id: str = ""):
+    def __init__(
+        self,
+        server_url: str,
+        timeout: float = 30.0,
+        infer_timeout: float = 600.0,
+        client_id: str = "",
+        credentials: Optional[Credentials] = None,
+        ca_bundle: str = "",
+    ):
         parsed = urllib.parse.urlparse(server_url.strip())
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"server URL must look like http://host:port, got {server_url!r}")
         if timeout <= 0 or infer_timeout <= 0:
             raise ValueError(f"timeouts must be positive, got {timeout} and {infer_timeout}")
+        self.credentials = credentials or Credentials()
+        if self.credentials.header() and parsed.scheme != "https" and not _is_loopback(parsed.hostname or ""):
+            raise ValueError(
+                f"credentials would travel unencrypted to {parsed.hostname}; use an https:// server URL"
+            )
+        if ca_bundle and not os.path.isfile(ca_bundle):
+            raise ValueError(f"the CA bundle {ca_bundle!r} is not a file")
         self.server_url = server_url.strip().rstrip("/")
         self.timeout = timeout
         self.infer_timeout = infer_timeout
         self.client_id = client_id
+        self.ca_bundle = ca_bundle
+        self._ssl = ssl.create_default_context(cafile=ca_bundle or None) if parsed.scheme == "https" else None
+        self.cancel = threading.Event()
+        self.progress: Optional[Callable[[int, Optional[int]], None]] = None
+
+    def copy(self) -> "MonaiLabelClient":
+        """The same server and settings with its own cancel flag (for a second request in parallel, e.g. a poll)."""
+        return MonaiLabelClient(
+            self.server_url, self.timeout, self.infer_timeout, self.client_id, self.credentials, self.ca_bundle
+        )
 
     # -- app and active learning ---------------------------------------------------------------------------
 
@@ -176,26 +234,49 @@ class MonaiLabelClient:
             headers["Content-Type"] = "application/json"
         elif multipart is not None:
             data, headers["Content-Type"] = encode_multipart(*multipart)
+        authorization = self.credentials.header()
+        if authorization:
+            headers["Authorization"] = authorization
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         limit = timeout if timeout is not None else self.timeout
+        cancel, progress = self.cancel, self.progress  # this request's own, even if a later task replaces them
+        if cancel.is_set():
+            raise RequestCancelled(f"{method} {path} was cancelled")
         try:
-            with urllib.request.urlopen(request, timeout=limit) as reply:
+            with urllib.request.urlopen(request, timeout=limit, context=self._ssl) as reply:
                 headers = reply.headers
                 return Response(
                     reply.status,
                     headers.get("Content-Type", ""),
                     headers.get("Content-Disposition", ""),
-                    reply.read(),
+                    _read_body(reply, method, path, cancel, progress),
                 )
         except urllib.error.HTTPError as error:
             body = _read_quietly(error)
-            raise response_error(error.code, _error_detail(body, error.reason), method, url) from None
+            detail = _error_detail(body, error.reason)
+            if error.code in (401, 407):
+                raise AuthenticationError(
+                    f"the server at {self.server_url} refused the login (HTTP {error.code}: {detail}); "
+                    + ("check the user name and password or the token in Server settings"
+                       if authorization else "it needs a user name and password or a token (Server settings)")
+                ) from None
+            raise response_error(error.code, detail, method, url) from None
         except urllib.error.URLError as error:
             if isinstance(error.reason, socket.timeout):
                 raise _timeout(method, url, limit) from None
+            if isinstance(error.reason, ssl.SSLCertVerificationError):
+                raise TLSError(
+                    f"cannot verify the TLS certificate of {self.server_url} ({error.reason.verify_message}); "
+                    + (f"the CA bundle {self.ca_bundle} did not sign it" if self.ca_bundle
+                       else "if your organisation signs its servers with its own CA, set its CA bundle in Server settings")
+                ) from None
+            if isinstance(error.reason, ssl.SSLError):
+                raise TLSError(f"the TLS handshake with {self.server_url} failed ({error.reason}); is it an https server?") from None
             raise ServerUnavailableError(
-                f"cannot reach the MONAI Label server at {self.server_url} ({error.reason}); is it running?"
+                f"cannot reach the MONAI Label server at {self.server_url} ({_reason(error.reason)}); is it running?"
             ) from None
+        except ssl.SSLError as error:
+            raise TLSError(f"the TLS connection to {self.server_url} failed during {method} {path} ({error})") from None
         except socket.timeout:
             raise _timeout(method, url, limit) from None
         except (ConnectionError, HTTPException) as error:
@@ -219,6 +300,43 @@ def _segment(name: str) -> str:
     if not name or "/" in name:
         raise ValueError(f"invalid model or strategy name {name!r}")
     return urllib.parse.quote(name, safe="")
+
+
+def _read_body(
+    reply: Any, method: str, path: str, cancel: threading.Event, progress: Optional[Callable[[int, Optional[int]], None]]
+) -> bytes:
+    """The answer's body in chunks: cancel is honoured and progress reported between two chunks."""
+    length = reply.headers.get("Content-Length")
+    total = int(length) if length and length.isdigit() else None
+    chunks, done = [], 0
+    while True:
+        if cancel.is_set():
+            raise RequestCancelled(f"{method} {path} was cancelled")
+        chunk = reply.read(CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, total)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _reason(reason: object) -> str:
+    """What failed, in words: refused connection and unknown host are the usual two."""
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused: nothing listens at that address and port"
+    if isinstance(reason, socket.gaierror):
+        return f"unknown host: {reason}"
+    return str(reason)
 
 
 def _timeout(method: str, url: str, limit: float) -> ServerTimeoutError:

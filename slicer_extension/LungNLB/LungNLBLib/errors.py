@@ -11,6 +11,18 @@ class ServerUnavailableError(ClientError):
     """Nothing answers at the server URL (refused, unknown host, connection dropped)."""
 
 
+class AuthenticationError(ClientError):
+    """The server (or the TLS proxy in front of it) refused the credentials: HTTP 401 or 407."""
+
+
+class TLSError(ServerUnavailableError):
+    """The TLS connection failed: the certificate cannot be verified with the CA bundle, or the handshake failed."""
+
+
+class RequestCancelled(ClientError):
+    """The annotator cancelled the request; the server may still finish it, its answer is not used."""
+
+
 class ServerTimeoutError(ClientError):
     """The server did not answer within the client's timeout."""
 

@@ -110,3 +110,58 @@ def _check_inside(ijk: np.ndarray, shape: Sequence[int]) -> None:
     outside = np.any((ijk < 0) | (ijk >= limits), axis=1)
     if outside.any():
         raise ValueError(f"point(s) {ijk[outside].tolist()} (x, y, z) are outside the image of shape {tuple(shape)}")
+
+
+def roi_to_pixel_box(
+    affine: np.ndarray, shape: Sequence[int], object_to_ras: np.ndarray, size: Sequence[float], z: int
+) -> List[int]:
+    """Inclusive pixel box ``[x_min, y_min, x_max, y_max]`` of an ROI (a possibly rotated box) on slice ``z``.
+
+    ``object_to_ras``: the ROI's 4x4 object-to-world matrix (its axes and centre, Slicer's
+    ``GetObjectToWorldMatrix``); ``size``: its edge lengths in mm. The server's watershed takes an
+    axis-aligned pixel box, so an ROI whose edges are not along the image's voxel axes is refused
+    rather than replaced by its bounding box (which would segment more than the annotator drew).
+    ValueError also for an empty ROI, one that does not cross slice ``z``, or one that misses the image.
+    """
+    depth, height, width = _zyx(shape)
+    if not 0 <= z < depth:
+        raise ValueError(f"slice index {z} is outside the volume's {depth} slices")
+    size = np.asarray(size, dtype=np.float64)
+    if size.shape != (3,) or not np.all(np.isfinite(size)) or np.any(size <= 0):
+        raise ValueError(f"the box has no extent (size {size.tolist()} mm): draw it over the nodule first")
+    object_to_ras = np.array(object_to_ras, dtype=np.float64)
+    lengths = np.linalg.norm(object_to_ras[:3, :3], axis=0)
+    if np.any(lengths == 0):
+        raise ValueError("the box's orientation matrix is singular")
+    object_to_ras[:3, :3] /= lengths  # unit axes: ``size`` already is in mm
+    ras_to_ijk_matrix = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    object_to_ijk = ras_to_ijk_matrix @ object_to_ras
+    for axis in range(3):
+        direction = object_to_ijk[:3, axis]
+        norm = np.linalg.norm(direction)
+        if norm == 0 or np.sort(np.abs(direction) / norm)[-2] > 1e-3:
+            raise ValueError(
+                "the box is rotated relative to the image's slices; the watershed takes a box along the image's "
+                "rows and columns: reset the box's rotation (Markups > ROI > Reset to default) and draw it again"
+            )
+    half = size / 2.0
+    corners = np.array([[sx * half[0], sy * half[1], sz * half[2], 1.0] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
+    ijk = (object_to_ijk @ corners.T).T[:, :3]
+    k_low, k_high = ijk[:, 2].min(), ijk[:, 2].max()
+    if not k_low - 0.5 <= z <= k_high + 0.5:
+        raise ValueError(
+            f"the box spans slices {int(np.floor(k_low + 0.5))}..{int(np.ceil(k_high - 0.5))}, not the slice {z} shown: "
+            "scroll to the box or draw it on this slice"
+        )
+    x_min, y_min = np.floor(ijk[:, :2].min(axis=0) + 0.5).astype(int)
+    x_max, y_max = np.ceil(ijk[:, :2].max(axis=0) - 0.5).astype(int)
+    if x_max < 0 or y_max < 0 or x_min >= width or y_min >= height or x_max < x_min or y_max < y_min:
+        raise ValueError(f"the box does not cover any pixel of the {width}x{height} image")
+    return [int(max(x_min, 0)), int(max(y_min, 0)), int(min(x_max, width - 1)), int(min(y_max, height - 1))]
+
+
+def slice_normal_alignment(affine: np.ndarray, slice_to_ras: np.ndarray) -> float:
+    """|cos| of the angle between a slice view's normal and the image's slice axis (1 when the view shows image slices)."""
+    normal = np.asarray(slice_to_ras, dtype=np.float64)[:3, 2]
+    k_axis = np.asarray(affine, dtype=np.float64)[:3, 2]
+    return float(abs(normal @ k_axis) / (np.linalg.norm(normal) * np.linalg.norm(k_axis)))

@@ -3,7 +3,10 @@
 Layout of the store folder, one submission per pair (the JSON is written last and marks it complete)::
 
     <folder>/<key>.nii.gz     the label file exactly as it will be uploaded
-    <folder>/<key>.json       {"image_id", "tag", "params", "created", "label_file"}
+    <folder>/<key>.json       {"image_id", "tag", "params", "created", "label_file", "server_url"}
+
+``server_url`` is the server the label was meant for: a label is only ever sent there (an image id
+means nothing on another server). Records written before it existed have an empty ``server_url``.
 
 Every write is atomic (temporary file in the same folder, then ``os.replace``), so a crash leaves either
 the previous state or the complete new one.
@@ -24,6 +27,7 @@ class PendingSubmission(NamedTuple):
     params: Dict[str, Any]
     created: float
     label_path: str
+    server_url: str = ""
 
 
 class PendingStore:
@@ -33,7 +37,14 @@ class PendingStore:
         self.folder = os.path.abspath(folder)
         os.makedirs(self.folder, exist_ok=True)
 
-    def save(self, image_id: str, label: bytes, params: Optional[Dict[str, Any]] = None, tag: str = "final") -> PendingSubmission:
+    def save(
+        self,
+        image_id: str,
+        label: bytes,
+        params: Optional[Dict[str, Any]] = None,
+        tag: str = "final",
+        server_url: str = "",
+    ) -> PendingSubmission:
         if not image_id:
             raise ValueError("a pending label needs the image id it belongs to")
         if not label:
@@ -49,10 +60,11 @@ class PendingStore:
             "params": dict(params or {}),
             "created": created,
             "label_file": os.path.basename(label_path),
+            "server_url": server_url,
         }
         _atomic_write(label_path, label)
         _atomic_write(os.path.join(self.folder, key + ".json"), json.dumps(record, indent=1).encode("utf-8"))
-        return PendingSubmission(key, image_id, tag, record["params"], created, label_path)
+        return PendingSubmission(key, image_id, tag, record["params"], created, label_path, server_url)
 
     def list(self) -> List[PendingSubmission]:
         entries = []
@@ -67,7 +79,13 @@ class PendingStore:
                 raise FileNotFoundError(f"pending submission {path} names a label file that is missing: {label_path}")
             entries.append(
                 PendingSubmission(
-                    name[: -len(".json")], record["image_id"], record["tag"], record["params"], record["created"], label_path
+                    name[: -len(".json")],
+                    record["image_id"],
+                    record["tag"],
+                    record["params"],
+                    record["created"],
+                    label_path,
+                    record.get("server_url", ""),
                 )
             )
         return sorted(entries, key=lambda entry: entry.created)
@@ -80,6 +98,10 @@ class PendingStore:
         """Forget a submission (call only after the server confirmed it): record first, then the label."""
         os.remove(os.path.join(self.folder, entry.key + ".json"))
         os.remove(entry.label_path)
+
+    def discard(self, entry: PendingSubmission) -> None:
+        """Drop a label the annotator no longer wants sent (the same removal as after a confirmation)."""
+        self.remove(entry)
 
     def submit(self, entry: PendingSubmission, upload: Callable[[PendingSubmission, bytes], Dict[str, Any]]) -> Dict[str, Any]:
         """Upload one entry with ``upload(entry, label_bytes)``; remove it only if that returns without raising."""

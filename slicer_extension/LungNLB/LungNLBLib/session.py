@@ -7,6 +7,7 @@ everything else happens here, so the same loop runs under Slicer's Python and in
     -> edit -> submit (kept locally until the server confirms) -> train -> segment with the new weights
 """
 
+import urllib.parse
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -38,6 +39,16 @@ class Sample(NamedTuple):
     image: Volume
     original_label: Optional[Volume]  # the `original` (watershed or radiologist) label, if the image has one
     info: Dict[str, Any]  # the server's image info (and, for a picked sample, the strategy's fields)
+
+
+class SampleFiles(NamedTuple):
+    """A sample as the server sent it, not decoded: the Slicer module hands the files to Slicer's readers."""
+
+    image_id: str
+    image_data: bytes
+    image_filename: str
+    label_data: Optional[bytes]  # the `original` label file, None when the image has none
+    info: Dict[str, Any]
 
 
 class Segmentation(NamedTuple):
@@ -79,27 +90,44 @@ class AnnotationSession:
 
     # -- images ---------------------------------------------------------------------------------------------
 
-    def next_sample(self, strategy: str = DEFAULT_STRATEGY) -> Optional[Sample]:
-        """The image the strategy picks next with its `original` label, or None when nothing is left."""
+    @property
+    def server_url(self) -> str:
+        return self.client.server_url
+
+    def pick_sample(self, strategy: str = DEFAULT_STRATEGY) -> Optional[Dict[str, Any]]:
+        """The image info the strategy picks next (with ``id``), None when nothing is left to label."""
         picked = self.client.next_sample(strategy, {"client_id": self.annotator})
         if picked is None:
             return None
         if "id" not in picked:
             raise InvalidResponseError(f"the active-learning answer has no image id: {sorted(picked)}")
-        return self.load_sample(str(picked["id"]), picked)
+        return picked
 
-    def load_sample(self, image_id: str, info: Optional[Dict[str, Any]] = None) -> Sample:
+    def next_sample(self, strategy: str = DEFAULT_STRATEGY) -> Optional[Sample]:
+        """The image the strategy picks next with its `original` label, or None when nothing is left."""
+        picked = self.pick_sample(strategy)
+        return None if picked is None else self.load_sample(str(picked["id"]), picked)
+
+    def download_sample(self, image_id: str, info: Optional[Dict[str, Any]] = None) -> SampleFiles:
+        """The image file and its `original` label file (None when it has none), as downloaded."""
         data, filename = self.client.download_image(image_id)
-        image = _read_result(data, filename, f"image {image_id}")
+        if not data:
+            raise InvalidResponseError(f"the server sent an empty file for image {image_id}")
         labels = (info or {}).get("labels", {})
         original = None
         if not labels or "original" in labels:
             try:
-                original = _read_result(self.client.download_label(image_id, "original"), "label", f"label of {image_id}")
+                original = self.client.download_label(image_id, "original") or None
             except ClientError as error:
                 if getattr(error, "status", None) != 404:
                     raise
-        return Sample(image_id, image, original, dict(info or {}))
+        return SampleFiles(image_id, data, filename, original, dict(info or {}))
+
+    def load_sample(self, image_id: str, info: Optional[Dict[str, Any]] = None) -> Sample:
+        files = self.download_sample(image_id, info)
+        image = _read_result(files.image_data, files.image_filename, f"image {image_id}")
+        original = _read_result(files.label_data, "label", f"label of {image_id}") if files.label_data else None
+        return Sample(image_id, image, original, files.info)
 
     # -- inference ------------------------------------------------------------------------------------------
 
@@ -177,13 +205,25 @@ class AnnotationSession:
             raise ValueError(f"labelled slices {slices} are outside the image's {depth} slices")
         params = {"user": self.annotator, "client": "LungNLB 3D Slicer", "labelled_slices": slices}
         label = write_nifti_bytes((mask > 0).astype(np.uint8), sample.image.affine)
-        entry = self.pending.save(sample.image_id, label, params, tag="final")
+        entry = self.pending.save(sample.image_id, label, params, tag="final", server_url=self.server_url)
         return self._upload(entry)
 
+    def pending_here(self) -> List[PendingSubmission]:
+        """Labels kept locally that were meant for this session's server."""
+        return [entry for entry in self.pending.list() if same_server(entry.server_url, self.server_url)]
+
+    def pending_elsewhere(self) -> List[PendingSubmission]:
+        """Labels kept locally for other servers (or, from older versions, for a server not recorded)."""
+        return [entry for entry in self.pending.list() if not same_server(entry.server_url, self.server_url)]
+
     def submit_pending(self) -> Tuple[List[Dict[str, Any]], List[str]]:
-        """Retry every label still kept locally: (confirmations, error messages of those still pending)."""
+        """Retry every label kept locally for this server: (confirmations, error messages of those still pending).
+
+        Labels meant for another server are left alone: an image id names a different image (or none)
+        on another server. Switch back to that server to send them, or discard them.
+        """
         done, errors = [], []
-        for entry in self.pending.list():
+        for entry in self.pending_here():
             try:
                 done.append(self._upload(entry))
             except SubmissionPending as error:
@@ -204,6 +244,21 @@ class AnnotationSession:
 
     def training_status(self) -> Optional[Dict[str, Any]]:
         return self.client.train_status()
+
+    def stop_training(self) -> Dict[str, Any]:
+        return self.client.train_stop()
+
+
+def same_server(a: str, b: str) -> bool:
+    """Whether two server URLs name the same server (case of scheme and host, trailing slash ignored)."""
+    if not a or not b:
+        return False
+
+    def norm(url: str) -> str:
+        parts = urllib.parse.urlsplit(url.strip().rstrip("/"))
+        return urllib.parse.urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, "", ""))
+
+    return norm(a) == norm(b)
 
 
 FINISHED_TRAIN_STATES = ("DONE", "ERROR", "STOPPED")
