@@ -305,3 +305,127 @@ def test_cmake_lists_every_library_file_and_resource():
     assert "slicerMacroBuildScriptedModule" in cmake
     top = (MODULE_DIR.parent / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "add_subdirectory(LungNLB)" in top and "find_package(Slicer REQUIRED)" in top
+
+
+# -- login, TLS and what an error says (issue 16, item 4) ---------------------------------------------------
+
+from LungNLBLib.client import Credentials  # noqa: E402
+from LungNLBLib.errors import AuthenticationError, ServerUnavailableError, TLSError  # noqa: E402
+from LungNLBLib.testing import FakeImage, FakeServer  # noqa: E402
+
+
+def _one_image():
+    return {"a": FakeImage(np.zeros((2, 4, 4), np.int16), np.eye(4))}
+
+
+def test_basic_auth_is_sent_and_a_refused_login_says_so():
+    with FakeServer(_one_image(), credentials=("ann", "s3cret")) as server:
+        with pytest.raises(AuthenticationError, match="needs a user name and password"):
+            MonaiLabelClient(server.url).info()
+        with pytest.raises(AuthenticationError, match="refused the login .*check the user name"):
+            MonaiLabelClient(server.url, credentials=Credentials("ann", "wrong")).info()
+        assert MonaiLabelClient(server.url, credentials=Credentials("ann", "s3cret")).info()["name"] == "LungNLB (fake)"
+
+
+def test_credentials_never_travel_unencrypted_to_another_machine():
+    assert Credentials(token="t").header() == "Bearer t"
+    with pytest.raises(ValueError, match="unencrypted"):
+        MonaiLabelClient("http://annotation.example.org:8000", credentials=Credentials("ann", "pw"))
+    MonaiLabelClient("https://annotation.example.org", credentials=Credentials("ann", "pw"))
+    MonaiLabelClient("http://127.0.0.1:8000", credentials=Credentials(token="t"))
+
+
+def test_refused_connection_and_unknown_host_are_told_apart():
+    with FakeServer(_one_image()) as server:
+        url = server.url
+    with pytest.raises(ServerUnavailableError, match="connection refused"):
+        MonaiLabelClient(url, timeout=5).info()
+    with pytest.raises(ServerUnavailableError, match="unknown host"):
+        MonaiLabelClient("http://no-such-host.invalid:8000", timeout=5).info()
+
+
+def _tls_server(tmp_path, server):
+    """Wrap the fake server's socket in TLS with a self-signed certificate for 127.0.0.1 (an 'internal CA')."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server._server.socket = context.wrap_socket(server._server.socket, server_side=True)
+    return cert
+
+
+def test_https_with_an_internal_ca_needs_its_bundle_and_says_so(tmp_path):
+    server = FakeServer(_one_image())
+    cert = _tls_server(tmp_path, server)
+    with server:
+        url = server.url.replace("http://", "https://")
+        with pytest.raises(TLSError, match="cannot verify the TLS certificate.*CA bundle"):
+            MonaiLabelClient(url, timeout=10).info()
+        assert MonaiLabelClient(url, timeout=10, ca_bundle=str(cert)).info()["name"] == "LungNLB (fake)"
+        other = tmp_path / "other"
+        other.mkdir()
+        wrong = _tls_server(other, FakeServer(_one_image()))
+        with pytest.raises(TLSError, match=f"the CA bundle {wrong} did not sign it"):
+            MonaiLabelClient(url, timeout=10, ca_bundle=str(wrong)).info()
+    with pytest.raises(ValueError, match="is not a file"):
+        MonaiLabelClient(url, ca_bundle=str(tmp_path / "missing.pem"))
+
+
+def test_pending_labels_remember_their_server_and_can_be_discarded(tmp_path):
+    from LungNLBLib.session import same_server
+
+    store = pending.PendingStore(str(tmp_path))
+    entry = store.save("img", b"label", {"user": "a"}, server_url="https://a.example/")
+    assert store.list()[0].server_url == "https://a.example/"
+    assert same_server("https://A.example", "https://a.example/") and not same_server("", "https://a.example")
+    store.discard(entry)
+    assert store.list() == [] and os.listdir(tmp_path) == []
+
+
+# -- the watershed box (issue 16, item 7) -------------------------------------------------------------------
+
+
+def test_roi_box_maps_an_image_aligned_box_and_refuses_a_rotated_one():
+    affine = np.diag([0.5, 0.5, 2.0, 1.0])
+    center = affine @ np.array([10.0, 20.0, 3.0, 1.0])
+    along = np.eye(4)
+    along[:3, 3] = center[:3]
+    assert geometry.roi_to_pixel_box(affine, (6, 40, 40), along, [4.0, 2.0, 1.0], 3) == [6, 18, 14, 22]
+    quarter = along.copy()
+    quarter[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]  # a quarter turn keeps the box on rows and columns
+    assert geometry.roi_to_pixel_box(affine, (6, 40, 40), quarter, [4.0, 2.0, 1.0], 3) == [8, 16, 12, 24]
+    turned = along.copy()
+    angle = np.radians(20)
+    turned[:3, :3] = [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    with pytest.raises(ValueError, match="rotated"):
+        geometry.roi_to_pixel_box(affine, (6, 40, 40), turned, [4.0, 2.0, 1.0], 3)
+    with pytest.raises(ValueError, match="not the slice 5 shown"):
+        geometry.roi_to_pixel_box(affine, (6, 40, 40), along, [4.0, 2.0, 1.0], 5)
+    with pytest.raises(ValueError, match="no extent"):
+        geometry.roi_to_pixel_box(affine, (6, 40, 40), along, [0.0, 2.0, 1.0], 3)
+
+
+# -- packaging (issue 16, item 10) --------------------------------------------------------------------------
+
+
+def test_extension_description_files_fit_slicers_extension_index():
+    root = MODULE_DIR.parent
+    s4ext = dict(line.split(" ", 1) for line in (root / "LungNLB.s4ext").read_text().splitlines() if line and not line.startswith("#") and " " in line)
+    assert s4ext["build_subdirectory"].strip() == "."  # the inner build folder of a superbuild, not a source folder
+    description = json.loads((root / "LungNLB.json").read_text())
+    assert description["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert {"category", "scm_url"} <= set(description) and description["build_subdirectory"] == "."
+    assert description["scm_url"] == s4ext["scmurl"].strip() and description["category"] == s4ext["category"].strip()
+    assert "Apache License" in (root / "LICENSE.txt").read_text()
+    top = (root / "CMakeLists.txt").read_text()
+    assert "EXTENSION_BUILD_SUBDIRECTORY" not in top  # only superbuild extensions set it
+    module = (MODULE_DIR / "LungNLB.py").read_text()
+    self_test = module[module.index("class LungNLBTest"):]
+    assert "FakeServer" in self_test and "LUNGNLB_SERVER_URL" not in self_test  # the ctest needs no live server
