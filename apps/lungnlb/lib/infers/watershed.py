@@ -38,7 +38,9 @@ class WatershedInfer(LungInferTask):
             labels={"tumour": 1},
             dimension=2,
             description="Marker-controlled watershed from a box or foreground/background clicks (paper §IV.A)",
-            config={"box": [], "foreground": [], "background": [], "slice": ""},
+            # no list values and no click keys: Slicer's official MONAI Label module sends v[0] of each
+            # listed config value (IndexError on an empty list) and lets config values replace its clicks
+            config={"slice": ""},
         )
 
     def is_valid(self) -> bool:
