@@ -1,12 +1,21 @@
 """Inference on 2D slices and 3D volumes with a trained model.
 
 `Predictor.predict(array, intensity)` maps the array to the model's input range with
-`lungnlb.io.intensity.to_model_input` (the same mapping training used), resizes every axial slice
-to the checkpoint's `input_size`, runs the model in batches and resizes the mask probabilities
-back to the slice's own size (bilinear):
+`lungnlb.io.intensity.to_model_input` (the same mapping training used), then runs the model in one
+of two forms, chosen by the checkpoint:
+
+* whole-slice models (config ``input_size``): every axial slice is resized to ``input_size``, the
+  mask probabilities back to the slice's own size (bilinear); the slice probability is
+  sigmoid(cls logit - cls_logit_offset).
+* native-resolution models (config ``patch_size``, trained on patches at the scanner's pixel size):
+  MONAI's sliding window over each slice at its own size, windows of ``patch_size`` overlapping by
+  a quarter, blended with a Gaussian, the slice padded with air where it is smaller than a window;
+  predicted components smaller than ``min_component_pixels`` are removed, and the slice
+  probability is the highest remaining mask probability, so a slice is called tumour exactly
+  when its mask is non-empty at the threshold.
 
     array (Z, Y, X) or (Y, X)  ->  probability (Z, Y, X) or (Y, X) float32 in [0, 1]
-                                   slice_probability (Z,) or scalar: sigmoid(cls logit - cls_logit_offset)
+                                   slice_probability (Z,) or scalar
 
 Classification-only models return `probability=None`.
 """
@@ -36,6 +45,11 @@ class PredictionResult:
     slice_probability: np.ndarray | float
 
 
+AIR_HU = -1000.0
+MIN_COMPONENT_PIXELS = 10  # a 3 mm nodule at 0.7-0.8 mm pixels covers ~12 pixels
+WINDOW_OVERLAP = 0.25
+
+
 def resize_batch(batch: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     """Resize a (B, C, H, W) tensor to `size`; identity when it already has that size."""
     if tuple(batch.shape[-2:]) == tuple(size):
@@ -58,13 +72,14 @@ class Predictor:
     def __init__(
         self, model: nn.Module, config: dict[str, Any], device: str | torch.device = "cpu", batch_size: int = 8
     ) -> None:
-        if "input_size" not in config:
-            raise ValueError("checkpoint config has no 'input_size'; cannot prepare slices for the model")
+        if "input_size" not in config and "patch_size" not in config:
+            raise ValueError("checkpoint config has neither 'input_size' nor 'patch_size'; cannot prepare slices for the model")
         self.model = model.to(device).eval()
         self.config = config
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.input_size = tuple(int(v) for v in config["input_size"])
+        self.input_size = tuple(int(v) for v in config.get("input_size") or config["patch_size"])
+        self.patch_size = tuple(int(v) for v in config["patch_size"]) if "patch_size" in config else None
         from lungnlb.io.intensity import IntensityMapping
 
         self.intensity = IntensityMapping.from_config(config.get("intensity"))
@@ -98,6 +113,15 @@ class Predictor:
         # (inside MONAI's ScaleIntensityRange) warns that the array is not writable
         return self.intensity(np.array(array, dtype=np.float32), intensity)
 
+    @property
+    def native(self) -> bool:
+        """True for a native-resolution model (sliding window at the slice's own size, no resizing)."""
+        return self.patch_size is not None
+
+    def air(self) -> float:
+        """The model input value of air (-1000 HU) under this checkpoint's intensity mapping."""
+        return float(self.model_input(np.full((1, 1), AIR_HU, np.float32), "hu")[0, 0])
+
     @torch.no_grad()
     def predict(self, array: np.ndarray, intensity: str) -> PredictionResult:
         """Predict mask probabilities and slice tumour probabilities for a (Y, X) slice or (Z, Y, X) volume."""
@@ -119,6 +143,8 @@ class Predictor:
         Each batch's output is written straight into the preallocated result arrays (a 64-slice
         512 x 512 volume would otherwise hold its 64 MiB of probabilities two more times).
         """
+        if self.native:
+            return self._predict_windows(volume)
         depth, size = volume.shape[0], tuple(volume.shape[-2:])
         slice_probability = np.empty(depth, dtype=np.float32)
         probability = None
@@ -133,3 +159,32 @@ class Predictor:
                     probability = np.empty((depth, *size), dtype=np.float32)
                 probability[start:stop] = torch.sigmoid(resize_batch(output["seg"].float(), size))[:, 0].cpu().numpy()
         return probability, slice_probability
+
+    def _predict_windows(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The native form: sliding window per slice, small components removed, slice = max of the mask."""
+        from monai.inferers import SlidingWindowInferer
+
+        inferer = SlidingWindowInferer(roi_size=self.patch_size, sw_batch_size=self.batch_size, overlap=WINDOW_OVERLAP,
+                                       mode="gaussian", padding_mode="constant", cval=self.air())
+        probability = np.empty(volume.shape, dtype=np.float32)
+        for z in range(volume.shape[0]):
+            plane = torch.from_numpy(np.ascontiguousarray(volume[z], dtype=np.float32))[None, None].to(self.device)
+            logits = inferer(plane, lambda x: self.model(x)["seg"])
+            probability[z] = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+        minimum = int(self.config.get("min_component_pixels", MIN_COMPONENT_PIXELS))
+        probability *= remove_small_components(probability > self.threshold, minimum)
+        return probability, probability.reshape(len(probability), -1).max(axis=1, initial=0.0)
+
+
+def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """``mask`` (Z, Y, X) bool without its 8-connected in-plane components smaller than ``min_pixels``."""
+    from scipy import ndimage
+
+    kept = np.zeros_like(mask, dtype=bool)
+    for z, plane in enumerate(mask):
+        labels, count = ndimage.label(plane, np.ones((3, 3), bool))
+        if count:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            kept[z] = sizes[labels] >= min_pixels
+    return kept

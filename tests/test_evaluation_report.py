@@ -131,9 +131,8 @@ class _RecordingPredictor:
         self.config = {"slice_size": slice_size}
         self.seen = []
 
-    def model_input(self, array, intensity):
-        assert intensity == "hu"
-        return np.clip((np.asarray(array, np.float32) + 1350) / 1500, 0, 1)
+    def air(self):
+        return (-1000 + 1350) / 1500
 
     def predict_normalized(self, volume):
         self.seen.append(volume.shape)

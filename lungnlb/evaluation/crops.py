@@ -3,10 +3,11 @@
 A crop (sidecar ``"crop": true``: the 72 x 72 LIDC nodule crops, the tight HU boxes of the VOIs) is a
 small window of a slice at the scanner's own pixel size. A model sees pixels at the scale it was
 trained at, so the default rule ``"pad"`` restores that scale: each crop slice (already mapped to the
-model's [0, 1] input) is placed at the centre of a square canvas of the checkpoint's whole-slice
-size (``config["slice_size"]``, ``WHOLE_SLICE`` pixels when the checkpoint does not say) filled with
-air (-1000 HU through the model's own intensity mapping), predicted like any slice, and cut back
-out. The alternative ``"resize"`` hands the crop to the model as if it were a whole slice (the
+model's [0, 1] input) is placed at the centre of a square canvas filled with air (-1000 HU through
+the model's own intensity mapping), predicted like any slice, and cut back out. The canvas is the
+whole slice a whole-slice model was trained on (``config["slice_size"]``, ``WHOLE_SLICE`` pixels
+when the checkpoint does not say); a native-resolution model (``patch_size``) already works at the
+crop's scale, so its canvas is just large enough for one window. The alternative ``"resize"`` hands the crop to the model as if it were a whole slice (the
 `Predictor` resizes it to the input size), which enlarges a nodule several-fold beyond anything the
 model saw in training; it is offered for comparison.
 
@@ -19,12 +20,6 @@ import numpy as np
 
 CROP_RULES = ("pad", "resize")
 WHOLE_SLICE = 512  # pixels across the CT slices the shipped models were trained on
-AIR_HU = -1000.0
-
-
-def air_value(predictor) -> float:
-    """The model input value of air under the predictor's own intensity mapping."""
-    return float(predictor.model_input(np.full((1, 1), AIR_HU, np.float32), "hu")[0, 0])
 
 
 def predict_crops(predictor, volume: np.ndarray, rule: str = "pad") -> tuple[np.ndarray | None, np.ndarray]:
@@ -34,9 +29,10 @@ def predict_crops(predictor, volume: np.ndarray, rule: str = "pad") -> tuple[np.
     if rule == "resize":
         return predictor.predict_normalized(volume)
     n, height, width = volume.shape
-    size = max(int(predictor.config.get("slice_size", WHOLE_SLICE)), height, width)
+    field = predictor.config.get("patch_size", [predictor.config.get("slice_size", WHOLE_SLICE)])[0]
+    size = max(int(field), height, width)
     top, left = (size - height) // 2, (size - width) // 2
-    canvas = np.full((n, size, size), air_value(predictor), np.float32)
+    canvas = np.full((n, size, size), predictor.air(), np.float32)
     canvas[:, top:top + height, left:left + width] = volume
     probability, slice_probability = predictor.predict_normalized(canvas)
     if probability is not None:

@@ -16,6 +16,7 @@ resized to the training input size (bilinear; masks bilinear then > 0.5), so sam
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -106,11 +107,18 @@ class SliceDataset(Dataset):
 
     image (1, H, W) float32, mask (1, H, W) float32 (zeros when absent), has_mask (bool tensor),
     label (1,) float32 (0 when absent), has_label (bool tensor).
+
+    With ``patches`` (native-resolution training, the transform draws one patch of the slice): a
+    tumour-free slice (class 0) counts as a known empty mask, and each patch's label is whether its
+    mask is non-empty; a tumour slice without a mask has no patch-level truth and must not be given.
     """
 
-    def __init__(self, samples: list[SliceSample], transform: Callable | None = None) -> None:
+    def __init__(self, samples: list[SliceSample], transform: Callable | None = None, patches: bool = False) -> None:
+        if patches and any(s.mask is None and s.class_label != 0 for s in samples):
+            raise ValueError("patch training needs a mask or a tumour-free label on every slice")
         self.samples = samples
         self.transform = transform
+        self.patches = patches
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -121,11 +129,16 @@ class SliceDataset(Dataset):
         mask = torch.zeros_like(image) if sample.mask is None else torch.from_numpy(sample.mask.astype(np.float32))[None]
         item = {"image": image, "mask": mask}
         if self.transform is not None:
-            item = self.transform(item)
+            with warnings.catch_warnings():  # a tumour-free slice has no lesion to centre a patch on, by design
+                warnings.filterwarnings("ignore", message="Num foregrounds 0")
+                item = self.transform(item)
+            item = item[0] if isinstance(item, list) else item  # a patch sampler returns a list of one
+        mask = (torch.as_tensor(item["mask"]) > 0.5).float()
+        label = float(mask.any()) if self.patches else float(sample.class_label or 0)
         return {
             "image": torch.as_tensor(item["image"]).float(),
-            "mask": (torch.as_tensor(item["mask"]) > 0.5).float(),
-            "has_mask": torch.tensor(sample.mask is not None),
-            "label": torch.tensor([float(sample.class_label or 0)]),
-            "has_label": torch.tensor(sample.class_label is not None),
+            "mask": mask,
+            "has_mask": torch.tensor(sample.mask is not None or self.patches),
+            "label": torch.tensor([label]),
+            "has_label": torch.tensor(sample.class_label is not None or self.patches),
         }

@@ -4,7 +4,9 @@
 
 m = samples with a mask, c = samples with a class label (masked per sample; a term with no samples
 in the batch contributes 0 * logits so every parameter stays in the graph, as DDP requires).
-DiceCE is MONAI's `DiceCELoss(sigmoid=True)`: soft Dice per sample plus binary cross-entropy.
+DiceCE is MONAI's `DiceCELoss(sigmoid=True)`: soft Dice plus binary cross-entropy; per sample, or
+over the whole batch at once (``batch_dice``: native-resolution patches, many of them lesion-free, on
+which a per-sample Dice is undefined or all-or-nothing).
 BCE takes an optional `pos_weight` (the weight of a positive label's term): the trainer sets it to
 (share of negatives) / (share of positives) among the labelled slices it draws, so that both
 classes weigh the same and "everything is a neoplasm" is not a minimum of the loss.
@@ -24,13 +26,14 @@ class MultiTaskLoss(nn.Module):
     -> (total scalar, {"seg": float, "cls": float})
     """
 
-    def __init__(self, seg_weight: float = 1.0, cls_weight: float = 1.0, pos_weight: float | None = None) -> None:
+    def __init__(self, seg_weight: float = 1.0, cls_weight: float = 1.0, pos_weight: float | None = None,
+                 batch_dice: bool = False) -> None:
         super().__init__()
         if seg_weight < 0 or cls_weight < 0:
             raise ValueError(f"loss weights must be >= 0, got seg {seg_weight}, cls {cls_weight}")
         self.seg_weight = seg_weight
         self.cls_weight = cls_weight
-        self.seg_loss = DiceCELoss(sigmoid=True)
+        self.seg_loss = DiceCELoss(sigmoid=True, batch=batch_dice)
         if pos_weight is not None and not pos_weight > 0:
             raise ValueError(f"pos_weight must be > 0, got {pos_weight}")
         weight = None if pos_weight is None else torch.tensor([float(pos_weight)])

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from monai.data import DataLoader
+from torch.utils.data import Sampler
 
 from lungnlb.checkpoint import load_training_state, save_checkpoint, save_training_state
 from lungnlb.evaluation.metrics import (
@@ -35,7 +36,8 @@ from lungnlb.evaluation.metrics import (
     summarize_segmentation,
 )
 from lungnlb.io.intensity import IntensityMapping
-from lungnlb.training.augment import train_transforms
+from lungnlb.inference import AIR_HU
+from lungnlb.training.augment import patch_transforms, train_transforms
 from lungnlb.training.dataset import SliceDataset, SliceSample, load_slices, read_records
 from lungnlb.training.loss import MultiTaskLoss
 from lungnlb.training.split import all_train_split, load_split, make_split, save_split
@@ -56,6 +58,8 @@ class TrainConfig:
     model: str = "unet_sl_nlb"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     input_size: int = 256
+    patch_size: int | None = None  # native-resolution patches of this size instead of resized whole slices
+    pos_fraction: float = 0.5  # share of patches centred on a lesion (native-resolution training)
     steps: int = 2000
     batch_size: int = 8
     lr: float = 1e-3
@@ -162,9 +166,30 @@ def predict_samples(
     return (masks or None), (np.concatenate(scores) if scores else np.zeros(0))
 
 
-def validation_metrics(model: nn.Module, samples: list[SliceSample], device: torch.device) -> dict[str, Any]:
-    """Dice/IoU/false-positive rate on slices with masks, P/R/F1 on slices with class labels."""
-    probabilities, scores = predict_samples(model, samples, device)
+def predict_windows(
+    model: nn.Module, samples: list[SliceSample], device: torch.device, config: dict[str, Any]
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Native-resolution validation: each slice through the deployed sliding-window `Predictor`."""
+    from lungnlb.inference import Predictor
+
+    predictor = Predictor(model, config, device=device, batch_size=16)
+    results = [predictor.predict_normalized(s.image[None]) for s in samples]
+    return [r[0][0] for r in results], np.array([float(r[1][0]) for r in results])
+
+
+def validation_metrics(
+    model: nn.Module, samples: list[SliceSample], device: torch.device, windows: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Dice/IoU/false-positive rate on slices with masks, P/R/F1 on slices with class labels.
+
+    ``windows``: the checkpoint config of a native-resolution model, whose slices are predicted by
+    sliding window and called tumour when their mask is non-empty (no threshold is fitted then).
+    """
+    model.eval()
+    if windows is not None:
+        probabilities, scores = predict_windows(model, samples, device, windows)
+    else:
+        probabilities, scores = predict_samples(model, samples, device)
     metrics: dict[str, Any] = {}
     seg_index = [i for i, s in enumerate(samples) if s.mask is not None]
     if probabilities is not None and seg_index:
@@ -173,9 +198,9 @@ def validation_metrics(model: nn.Module, samples: list[SliceSample], device: tor
     cls_index = [i for i, s in enumerate(samples) if s.class_label is not None]
     if cls_index:
         labels = np.array([samples[i].class_label for i in cls_index])
-        threshold = f1_best_threshold(scores[cls_index], labels)
+        threshold = 0.5 if windows is not None else f1_best_threshold(scores[cls_index], labels)
         metrics.update(classification_metrics(scores[cls_index], labels, threshold))
-        metrics["cls_logit_offset"] = logit_offset(threshold)
+        metrics["cls_logit_offset"] = logit_offset(threshold) if windows is None else 0.0
     return metrics
 
 
@@ -187,8 +212,12 @@ def logit_offset(threshold: float, limit: float = 8.0) -> float:
 
 
 def validation_score(metrics: dict[str, Any]) -> float:
+    """Harmonic mean of the validation Dice and F1 (those measured): a model with Dice 0 scores 0
+    however well it classifies, so it can never be kept as the best checkpoint."""
     values = [metrics[key] for key in ("dice", "f1") if metrics.get(key) is not None]
-    return float(np.mean(values)) if values else float("-inf")
+    if not values:
+        return float("-inf")
+    return 0.0 if min(values) <= 0 else float(len(values) / sum(1.0 / v for v in values))
 
 
 def data_summary(studies: str, samples: list[SliceSample], split: dict[str, Any]) -> dict[str, Any]:
@@ -261,17 +290,21 @@ def build_network(config: TrainConfig) -> nn.Module:
     from lungnlb.networks import build_model, size_divisor
 
     divisor = size_divisor(config.model, **config.model_kwargs)
-    if config.input_size % divisor:
-        raise ValueError(f"input size {config.input_size} is not divisible by {divisor}, as {config.model} needs")
+    size = config.patch_size or config.input_size
+    if size % divisor:
+        raise ValueError(f"input size {size} is not divisible by {divisor}, as {config.model} needs")
     return build_model(config.model, in_channels=1, **config.model_kwargs)
 
 
 def checkpoint_config(
     config: TrainConfig, summary: dict[str, Any], metrics: dict[str, Any], step: int, mapping: IntensityMapping
 ) -> dict:
+    size = config.patch_size or config.input_size
+    native = {"patch_size": [size, size], "slice_size": size} if config.patch_size else {}
     return {
         "model": {"name": config.model, "kwargs": config.model_kwargs, "in_channels": 1},
-        "input_size": [config.input_size, config.input_size],
+        "input_size": [size, size],
+        **native,
         "intensity": mapping.as_config(),
         "threshold": 0.5,
         "cls_logit_offset": metrics.get("cls_logit_offset", 0.0),
@@ -297,7 +330,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from lungnlb.networks import is_segmentation_model
 
     segmentation = is_segmentation_model(config.model)
-    size = (config.input_size, config.input_size)
+    size = None if config.patch_size else (config.input_size, config.input_size)
     # the library's constants, recorded in every checkpoint of the run so its weights get this input later
     mapping = IntensityMapping()
     train_samples = load_slices(
@@ -306,6 +339,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     val_samples = load_slices(config.data, size, split["images"]["val"], records, mapping=mapping) if rank == 0 else []
     if not segmentation:
         train_samples = [s for s in train_samples if s.class_label is not None]
+    if config.patch_size:  # only slices whose every patch has a known truth: a lesion mask, or tumour-free
+        train_samples = [s for s in train_samples if s.class_label == 0 or (s.mask is not None and s.mask.any())]
     if not train_samples:
         raise ValueError(f"no labelled training slices in {config.data} for split {split_path}")
 
@@ -313,7 +348,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     torch.backends.cudnn.benchmark = device.type == "cuda"  # one input size: let cuDNN pick its fastest kernels
     weights = sample_weights(train_samples, config.seg_fraction)
     pos_weight = balanced_pos_weight(train_samples, weights) if config.balance_classes else None
-    criterion = MultiTaskLoss(config.seg_weight if segmentation else 0.0, config.cls_weight, pos_weight).to(device)
+    criterion = MultiTaskLoss(config.seg_weight if segmentation else 0.0, config.cls_weight, pos_weight,
+                              batch_dice=config.patch_size is not None).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps))
     use_amp = config.amp and device.type == "cuda"
@@ -332,9 +368,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if world_size > 1:
         network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    transform = train_transforms(config.seed * 1000 + rank + step) if config.augment else None
+    transform_seed = config.seed * 1000 + rank + step
+    if config.patch_size:
+        transform = patch_transforms(transform_seed, config.patch_size, float(mapping(np.full((1, 1), AIR_HU), "hu")[0, 0]),
+                                     config.pos_fraction, config.augment)
+    else:
+        transform = train_transforms(transform_seed) if config.augment else None
+    windows = checkpoint_config(config, {}, {}, 0, mapping) if config.patch_size else None
     sampler = WeightedShardSampler(weights, config.seed, rank, world_size)
-    loader = DataLoader(SliceDataset(train_samples, transform), batch_size=config.batch_size, sampler=sampler,
+    loader = DataLoader(SliceDataset(train_samples, transform, patches=config.patch_size is not None),
+                        batch_size=config.batch_size, sampler=sampler,
                         num_workers=config.num_workers, drop_last=False, persistent_workers=config.num_workers > 0,
                         pin_memory=device.type == "cuda")
     batches = _infinite_batches(loader, sampler, epoch=step // max(1, len(loader)))
@@ -360,7 +403,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.3f}", **_short(best_metrics))
             if step % config.val_every == 0 or step == config.steps:
-                metrics = validation_metrics(model, val_samples, device) if val_samples else {}
+                metrics = validation_metrics(model, val_samples, device, windows) if val_samples else {}
                 if writer is not None:
                     _log(writer, "val", {k: v for k, v in metrics.items() if isinstance(v, float)}, step)
                 score = validation_score(metrics)

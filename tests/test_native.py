@@ -1,0 +1,91 @@
+"""Native-resolution training and inference: patches at the slices' own pixel size, tumour-free
+slices as negatives, sliding-window prediction whose slice call agrees with its mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lungnlb.checkpoint import load_model
+from lungnlb.inference import Predictor, remove_small_components
+from lungnlb.networks import build_model
+from lungnlb.training.augment import patch_transforms
+from lungnlb.training.dataset import SliceDataset, SliceSample
+from lungnlb.training.trainer import TrainConfig, train, validation_score
+from train_helpers import DATA, TINY_KWARGS
+
+PATCH = 32
+
+
+def test_small_components_are_removed_per_slice():
+    mask = np.zeros((2, 10, 10), bool)
+    mask[0, 0:4, 0:4] = True  # 16 pixels: kept
+    mask[0, 8, 8] = True  # 1 pixel: removed
+    mask[1, 5:7, 5:7] = True  # 4 pixels: removed
+    kept = remove_small_components(mask, 10)
+    assert kept[0].sum() == 16 and not kept[1].any()
+
+
+def test_a_dice_zero_model_is_never_the_best():
+    assert validation_score({"dice": 0.0, "f1": 0.99}) == 0.0
+    assert validation_score({"dice": 0.5, "f1": 1.0}) == pytest.approx(2 / 3)
+    assert validation_score({"f1": 0.8}) == pytest.approx(0.8)
+    assert validation_score({}) == float("-inf")
+
+
+def test_patch_dataset_pads_draws_and_labels_patches():
+    image = np.full((20, 24), 0.4, np.float32)
+    mask = np.zeros((20, 24), bool)
+    mask[8:12, 10:14] = True
+    tumour = SliceSample("a", "p", "s", 0, image, mask, 1)
+    free = SliceSample("b", "q", "s", 0, image.copy(), None, 0)
+    dataset = SliceDataset([tumour, free], patch_transforms(0, PATCH, air=0.2, pos_fraction=0.99, augment=False),
+                           patches=True)
+    item, negative = dataset[0], dataset[1]
+    assert item["image"].shape == (1, PATCH, PATCH) and float(item["image"].min()) == pytest.approx(0.2)  # air pad
+    assert item["mask"].sum() == 16 and item["label"].item() == 1.0 and item["has_mask"]
+    assert negative["mask"].sum() == 0 and negative["label"].item() == 0.0 and negative["has_mask"]
+    with pytest.raises(ValueError, match="tumour-free label"):
+        SliceDataset([SliceSample("c", "r", "s", 0, image, None, 1)], None, patches=True)
+
+
+def _native_predictor(model):
+    config = {"model": {"name": "unet_sl_nlb", "kwargs": TINY_KWARGS}, "input_size": [PATCH, PATCH],
+              "patch_size": [PATCH, PATCH], "threshold": 0.5}
+    return Predictor(model, config)
+
+
+def test_sliding_window_keeps_the_size_and_calls_a_slice_by_its_mask():
+    torch.manual_seed(0)
+    predictor = _native_predictor(build_model("unet_sl_nlb", **TINY_KWARGS))
+    volume = np.random.default_rng(0).uniform(0, 1, (3, 50, 70)).astype(np.float32)
+    probability, slice_probability = predictor.predict_normalized(volume)
+    assert probability.shape == volume.shape
+    assert np.allclose(slice_probability, probability.reshape(3, -1).max(1))
+    called = slice_probability > predictor.threshold
+    assert np.array_equal(called, (probability > predictor.threshold).reshape(3, -1).any(1))
+    small, _ = predictor.predict_normalized(volume[:, :10, :12])  # smaller than one window: padded with air
+    assert small.shape == (3, 10, 12)
+
+
+@pytest.mark.slow
+def test_native_training_on_real_crops_writes_a_sliding_window_checkpoint(tmp_path):
+    from lungnlb.prepare import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for crop in sorted((DATA / "lidc-nodules" / "crops").glob("*.npz"))[:8]:
+        (src / crop.name).symlink_to(crop)
+    prepare(src, tmp_path / "studies", progress=False)
+    config = TrainConfig(data=str(tmp_path / "studies"), out=str(tmp_path / "run"), model="unet_sl_nlb",
+                         model_kwargs=TINY_KWARGS, patch_size=PATCH, steps=4, batch_size=4, val_every=2,
+                         val_fraction=0.25, test_fraction=0.0, progress=False, tensorboard=False)
+    result = train(config)
+    model, saved = load_model(result["best"])
+    assert saved["patch_size"] == [PATCH, PATCH] and saved["slice_size"] == PATCH
+    assert saved["intensity"]["window"] and "dice" in saved["metrics"]
+    predictor = Predictor(model, saved)
+    assert predictor.native
+    probability, _ = predictor.predict_normalized(np.full((1, 72, 72), 0.3, np.float32))
+    assert probability.shape == (1, 72, 72)
