@@ -261,10 +261,24 @@ def test_server_down_is_reported_and_the_label_is_kept_until_sent(server, tmp_pa
     assert [entry.image_id for entry in kept] == [sample.image_id]
     np.testing.assert_array_equal(read_nifti_bytes(dead.pending.read_label(kept[0])).array > 0, mask)
 
-    done, errors = live.submit_pending()  # the server is back: the kept label goes through
+    assert kept[0].server_url == dead.server_url
+    # another server never gets it: the image id names another image (or none) there
+    assert live.submit_pending() == ([], []) and [e.key for e in live.pending_elsewhere()] == [kept[0].key]
+
+    # a label kept for the live server (as when it was down at its own URL) goes through once it answers
+    live.pending.discard(kept[0])
+    live.pending.save(sample.image_id, _label_bytes(sample, mask),
+                      kept[0].params, server_url=server.url)
+    done, errors = live.submit_pending()
     assert errors == [] and [d["image"] for d in done] == [sample.image_id]
     assert live.pending.list() == []
     np.testing.assert_array_equal(read_nifti_bytes(live.client.download_label(sample.image_id, "final")).array > 0, mask)
+
+
+def _label_bytes(sample, mask):
+    from LungNLBLib.nifti import write_nifti_bytes
+
+    return write_nifti_bytes(mask.astype(np.uint8), sample.image.affine)
 
 
 def test_a_server_that_never_answers_times_out():
