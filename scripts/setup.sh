@@ -8,3 +8,22 @@ cd "$(dirname "$0")/.."
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/pip install -q -e ".[app,test,slicer]"
+
+# nginx (Debian's package) for the authenticated TLS proxy, scripts/serve_proxy.sh, and its tests.
+# Installed when this runs as root with apt-get; its system service is not started (the package
+# would start one on port 80): serve_proxy.sh runs nginx on demand with its own configuration.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        policy=/usr/sbin/policy-rc.d
+        made_policy=0
+        if [ ! -e "$policy" ]; then
+            printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made_policy=1
+        fi
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx openssl >/dev/null
+        [ "$made_policy" = 0 ] || rm -f "$policy"
+    else
+        echo "setup.sh: nginx is not installed and this is not root with apt-get: install Debian's nginx" \
+             "(apt-get install nginx) to use scripts/serve_proxy.sh and to run tests/test_security_proxy.py" >&2
+    fi
+fi

@@ -107,7 +107,9 @@ def test_real_server_async_training_publishes(server):
     """Async training runs in a subprocess of the server; the server picks up the published weights."""
     url = server["url"]
     before = requests.get(f"{url}/info/", timeout=30).json()["lungnlb"]["weights"]["version"]
-    params = {"max_epochs": 1, "train_batch_size": 4, "val_split": 0.0, "original_weight": 1.0, "tracking": "none"}
+    # force: two slices give fewer validation slices than the publish gate needs; this test is about the subprocess
+    params = {"max_epochs": 1, "train_batch_size": 4, "val_split": 0.5, "original_weight": 1.0, "tracking": "none",
+              "force": True}
     response = requests.post(f"{url}/train/lung_nlb_seg", json=params, timeout=30)
     assert response.status_code == 200, response.text
     deadline = time.monotonic() + 240
