@@ -226,8 +226,10 @@ def test_full_annotation_loop_against_the_real_server(server, session):
     assert final_info["user"] == "test-annotator" and final_info["labelled_slices"] == [0]
 
     # train one short epoch, wait for it, and segment again: the new weights are used without a restart
-    started = session.start_training({"max_epochs": 1, "val_split": 0.0, "train_batch_size": 4, "multi_gpu": False,
-                                      "tracking": "none"})
+    # the app now holds out a validation share (0 < val_split < 1); force: publish even if a one-epoch run
+    # does not validate better, since the test checks that new weights are used
+    started = session.start_training({"max_epochs": 1, "val_split": 0.2, "force": True, "train_batch_size": 4,
+                                      "multi_gpu": False, "tracking": "none"})
     assert started, "the server did not accept the training request"
     deadline = time.monotonic() + TRAIN_TIMEOUT_S
     status = session.training_status()
