@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
+from monai.data import get_track_meta, set_track_meta
 from torch.utils.data import Dataset
 
 from lungnlb.data.studies import IMAGE_SUFFIX, read_records, slice_plan
@@ -129,9 +130,14 @@ class SliceDataset(Dataset):
         mask = torch.zeros_like(image) if sample.mask is None else torch.from_numpy(sample.mask.astype(np.float32))[None]
         item = {"image": image, "mask": mask}
         if self.transform is not None:
-            with warnings.catch_warnings():  # a tumour-free slice has no lesion to centre a patch on, by design
-                warnings.filterwarnings("ignore", message="Num foregrounds 0")
-                item = self.transform(item)
+            previous = get_track_meta()
+            set_track_meta(False)  # plain tensors: the transforms' metadata is never read, and costs time
+            try:
+                with warnings.catch_warnings():  # a tumour-free slice has no lesion to centre a patch on, by design
+                    warnings.filterwarnings("ignore", message="Num foregrounds 0")
+                    item = self.transform(item)
+            finally:
+                set_track_meta(previous)
             item = item[0] if isinstance(item, list) else item  # a patch sampler returns a list of one
         mask = (torch.as_tensor(item["mask"]) > 0.5).float()
         label = float(mask.any()) if self.patches else float(sample.class_label or 0)
