@@ -8,8 +8,9 @@ of two forms, chosen by the checkpoint:
   mask probabilities back to the slice's own size (bilinear); the slice probability is
   sigmoid(cls logit - cls_logit_offset).
 * native-resolution models (config ``patch_size``, trained on patches at the scanner's pixel size):
-  MONAI's sliding window over each slice at its own size, windows of ``patch_size`` overlapping by
-  a quarter, blended with a Gaussian, the slice padded with air where it is smaller than a window;
+  MONAI's sliding window over each slice at its own size, within the box of the patient's body
+  (air around it is never a tumour), windows of ``patch_size`` overlapping by a quarter, blended
+  with a Gaussian, padded with air where the box is smaller than a window;
   predicted components smaller than ``min_component_pixels`` are removed, and the slice
   probability is the highest remaining mask probability, so a slice is called tumour exactly
   when its mask is non-empty at the threshold.
@@ -48,6 +49,7 @@ class PredictionResult:
 AIR_HU = -1000.0
 MIN_COMPONENT_PIXELS = 10  # a 3 mm nodule at 0.7-0.8 mm pixels covers ~12 pixels
 WINDOW_OVERLAP = 0.25
+BODY_MARGIN = 0.05  # model-input units above air: windows are laid over the patient, not the air around
 
 
 def resize_batch(batch: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -166,14 +168,25 @@ class Predictor:
 
         inferer = SlidingWindowInferer(roi_size=self.patch_size, sw_batch_size=self.batch_size, overlap=WINDOW_OVERLAP,
                                        mode="gaussian", padding_mode="constant", cval=self.air())
-        probability = np.empty(volume.shape, dtype=np.float32)
+        probability = np.zeros(volume.shape, dtype=np.float32)
         for z in range(volume.shape[0]):
-            plane = torch.from_numpy(np.ascontiguousarray(volume[z], dtype=np.float32))[None, None].to(self.device)
-            logits = inferer(plane, lambda x: self.model(x)["seg"])
-            probability[z] = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+            box = body_box(volume[z], self.air() + BODY_MARGIN)
+            if box is None:
+                continue
+            region = np.ascontiguousarray(volume[z][box], dtype=np.float32)
+            logits = inferer(torch.from_numpy(region)[None, None].to(self.device), lambda x: self.model(x)["seg"])
+            probability[z][box] = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
         minimum = int(self.config.get("min_component_pixels", MIN_COMPONENT_PIXELS))
         probability *= remove_small_components(probability > self.threshold, minimum)
         return probability, probability.reshape(len(probability), -1).max(axis=1, initial=0.0)
+
+
+def body_box(plane: np.ndarray, level: float) -> tuple[slice, slice] | None:
+    """The bounding box of the pixels above ``level`` (the patient, not the air around), or None."""
+    rows, columns = np.flatnonzero((plane > level).any(axis=1)), np.flatnonzero((plane > level).any(axis=0))
+    if not len(rows):
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
 
 
 def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:

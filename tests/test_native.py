@@ -89,3 +89,17 @@ def test_native_training_on_real_crops_writes_a_sliding_window_checkpoint(tmp_pa
     assert predictor.native
     probability, _ = predictor.predict_normalized(np.full((1, 72, 72), 0.3, np.float32))
     assert probability.shape == (1, 72, 72)
+
+
+def test_windows_cover_the_body_only():
+    from lungnlb.inference import body_box
+
+    plane = np.full((40, 50), 0.1, np.float32)
+    plane[5:20, 10:30] = 0.6
+    assert body_box(plane, 0.3) == (slice(5, 20), slice(10, 30))
+    assert body_box(np.zeros((4, 4)), 0.3) is None
+    torch.manual_seed(0)
+    predictor = _native_predictor(build_model("unet_sl_nlb", **TINY_KWARGS))
+    air_only = np.full((1, 40, 40), predictor.air(), np.float32)
+    probability, slice_probability = predictor.predict_normalized(air_only)
+    assert not probability.any() and slice_probability[0] == 0.0
