@@ -291,7 +291,10 @@ def install_server_hooks(app) -> None:
     from monailabel.app import app as fastapi_app
 
     origins = cors_origins()
-    middleware = [m for m in fastapi_app.user_middleware if m.cls not in (CORSMiddleware, RequestGuard)]
+    # by name: MONAI Label loads the app's modules afresh for every app instance, so an earlier
+    # instance's RequestGuard is another class object
+    middleware = [m for m in fastapi_app.user_middleware
+                  if getattr(m.cls, "__name__", "") not in (CORSMiddleware.__name__, RequestGuard.__name__)]
     middleware.insert(0, Middleware(CORSMiddleware, allow_origins=origins, allow_credentials=True,
                                     allow_methods=["*"], allow_headers=["*"]))
     middleware.insert(0, Middleware(RequestGuard, max_body_bytes=int(app.app_config.max_upload_mb * (1 << 20)),

@@ -59,6 +59,9 @@ def use_private_temp_dir() -> Path:
     """Create this process's private folder (once) and make it `tempfile`'s folder."""
     global _folder
     with _lock:
+        current = Path(tempfile.gettempdir())
+        if _folder is None and current.name.startswith(f"{PREFIX}{os.getpid()}-") and current.is_dir():
+            _folder = current.resolve()  # made by an earlier app instance of this process (its modules are loaded afresh)
         if _folder is None or not _folder.is_dir():
             base = Path(tempfile.gettempdir()) if _folder is None else _folder.parent
             remove_stale(base)
