@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from lungnlb.io.atomic import atomic_write
+from lungnlb.data.sources import ATTRIBUTION
 from lungnlb.io import (
     ImageData,
     ImageReadError,
@@ -48,6 +48,7 @@ from lungnlb.io import (
     read_voi_file,
     write_nifti,
 )
+from lungnlb.io.atomic import atomic_write
 from lungnlb.io.dicom import list_dicom_series, walk_files
 from lungnlb.io.lidc_crops import is_crop_file
 from lungnlb.io.lidc_vois import RATINGS_FILE, is_voi_file
@@ -69,20 +70,6 @@ TUMOUR_FREE_RULE = {
 IQ_CLASSES = {"normal": 0, "benign": 1, "malignant": 1}
 IQ_CASE_BLOCK = 20
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
-LIDC_ATTRIBUTION = ("Armato SG III et al., Data From LIDC-IDRI, The Cancer Imaging Archive, 2015, "
-                    "doi:10.7937/K9/TCIA.2015.LO9QL9SX. CC BY 3.0.")
-ATTRIBUTION = {
-    "lidc-idri": LIDC_ATTRIBUTION,
-    "lidc-crops": LIDC_ATTRIBUTION + " Nodule crops as redistributed by the public repository periclesanfe/Pulmoseg.",
-    "lidc-vois": LIDC_ATTRIBUTION + " Nodule volumes of interest from the public repository PabloLION/ct-slicing.",
-    "lung-pet-ct-dx": "Li P. et al., A Large-Scale CT and PET/CT Dataset for Lung Cancer Diagnosis (Lung-PET-CT-Dx), "
-    "The Cancer Imaging Archive, 2020, doi:10.7937/TCIA.2020.NNC20461. CC BY 4.0.",
-    "iq-othnccd": "Alyasriy H., Al-Huseiny M., The IQ-OTH/NCCD lung cancer dataset, Mendeley Data, 2021, "
-    "doi:10.17632/bhmdr45bh2. CC BY 4.0.",
-    "other": None,
-}
-
-
 @dataclass
 class Item:
     """One unit of work: a source path of a detected format and what is needed to convert it."""

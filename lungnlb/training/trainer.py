@@ -24,29 +24,29 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from monai.data import DataLoader
+from torch import nn
 from torch.utils.data import Sampler
 
 from lungnlb.checkpoint import load_training_state, save_checkpoint, save_training_state
+from lungnlb.data.sources import ATTRIBUTION
 from lungnlb.evaluation.metrics import (
     classification_metrics,
     f1_best_threshold,
     per_slice_segmentation,
     summarize_segmentation,
 )
-from lungnlb.io.intensity import IntensityMapping
 from lungnlb.inference import AIR_HU
+from lungnlb.io.intensity import IntensityMapping
 from lungnlb.training.augment import patch_transforms, train_transforms
-from lungnlb.training.dataset import SliceDataset, SliceSample, load_slices, read_records
+from lungnlb.training.dataset import (
+    SliceDataset,
+    SliceSample,
+    load_slices,
+    read_records,
+)
 from lungnlb.training.loss import MultiTaskLoss
 from lungnlb.training.split import all_train_split, load_split, make_split, save_split
-
-LICENCES = {
-    "lidc-idri": "LIDC-IDRI, Armato et al., TCIA 2015, doi:10.7937/K9/TCIA.2015.LO9QL9SX, CC BY 3.0",
-    "iq-othnccd": "IQ-OTH/NCCD, Alyasriy & Al-Huseiny, Mendeley Data 2021, doi:10.17632/bhmdr45bh2, CC BY 4.0",
-    "lung-pet-ct-dx": "Lung-PET-CT-Dx, Li et al., TCIA 2020, doi:10.7937/TCIA.2020.NNC20461, CC BY 4.0",
-}
 
 
 @dataclass
@@ -233,7 +233,7 @@ def data_summary(studies: str, samples: list[SliceSample], split: dict[str, Any]
         entry["negative_slices"] += sample.class_label == 0
     sources = {
         name: {**{k: (len(v) if isinstance(v, set) else int(v)) for k, v in entry.items()},
-               "licence": LICENCES.get(name, "see the sidecar attribution")}
+               "licence": ATTRIBUTION.get(name) or "see the sidecar attribution"}
         for name, entry in sorted(by_source.items())
     }
     return {"studies": str(studies), "train_slices": len(samples), "sources": sources,
