@@ -10,7 +10,7 @@ timers, sends `--requests` slice requests (50 ms apart) and prints the median ms
 The round trip here goes through the TestClient's in-process transport, not HTTP: what it adds is
 not what uvicorn adds (`benchmarks/server.py` measures the real server).
 
-    .venv/bin/python benchmarks/endpoint_parts.py
+    .venv/bin/python -m benchmarks.endpoint_parts
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = ROOT / "apps" / "lungnlb"
-sys.path[:0] = [str(ROOT), str(APP_DIR)]
+from benchmarks.app_server import APP_DIR, REPO
+
+# the app's main.py imports its `lib` package from the app folder: `monailabel start_server` puts
+# that folder on the path, and this benchmark serves the app in-process without it
+sys.path.insert(0, str(APP_DIR))
 
 TIMES: dict[str, list[float]] = collections.defaultdict(list)
 
@@ -50,10 +52,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lungnlb-endpoint-"))
-    shutil.copytree(ROOT / "sample_data" / "studies", work / "studies")
+    shutil.copytree(REPO / "sample_data" / "studies", work / "studies")
     from monailabel.config import settings
 
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(APP_DIR)])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(APP_DIR)])
     settings.MONAI_LABEL_APP_DIR, settings.MONAI_LABEL_STUDIES = str(APP_DIR), str(work / "studies")
     settings.MONAI_LABEL_APP_CONF = {"model_dir": str(work / "model"), "device": "cpu", "tracking": "none"}
     settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False
@@ -68,7 +70,10 @@ def main() -> None:
     try:
         with TestClient(app) as client:
             instance = app_instance()
-            app_class, task_class, store_class = type(instance), type(instance._infers["lung_nlb_seg"]), type(instance.datastore())
+            from lib.monailabel_private import infer_tasks
+
+            app_class, store_class = type(instance), type(instance.datastore())
+            task_class = type(infer_tasks(instance)["lung_nlb_seg"])
             app_class.info = timed("app.info", app_class.info)
             app_class.infer = timed("LungNLBApp.infer", app_class.infer)
             task_class.__call__ = timed("task (model + result)", task_class.__call__)

@@ -1,9 +1,10 @@
 """Latency and load of the LungNLB MONAI Label app on a real server on loopback.
 
-    .venv/bin/python benchmarks/server.py [--rounds 3] [--clients 8] [--requests 20] [--repeats 5] [--slice-repeats 21]
+    .venv/bin/python -m benchmarks.server [--rounds 3] [--clients 8] [--requests 20] [--repeats 5] [--slice-repeats 21]
 
-Starts `monailabel start_server` (tests/app_support.py: LIDC slices + one CT series from
-../shared/data; lungnlb's shipped default weights unless `--checkpoint`), then measures:
+Starts `monailabel start_server` (`benchmarks.app_server`) on a studies folder of LIDC slices + one
+CT series from ../shared/data (`benchmarks.app_studies`), with lungnlb's shipped default weights
+unless `--checkpoint`, then measures:
 
 1. round-trip latency of `POST /infer/lung_nlb_seg` (JSON + mask) for a 512x512 slice and a
    64-slice volume, against the direct `Predictor.predict` call on the same arrays in a separate
@@ -32,25 +33,20 @@ import multiprocessing
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from lungnlb.runtime import HUGE_PAGES, enable_huge_pages  # noqa: E402
+from lungnlb.runtime import HUGE_PAGES, enable_huge_pages
 
 enable_huge_pages()  # here and, through the environment, in the server, as scripts/serve_sample.sh does
 
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
-sys.path.insert(0, str(REPO / "tests"))
-from app_support import build_studies, tiny_checkpoint  # noqa: E402
-from test_app_server import start_server, stop_server  # noqa: E402
-
+from benchmarks.app_server import start_server, stop_server  # noqa: E402
+from benchmarks.app_studies import build_studies, tiny_checkpoint  # noqa: E402
 from lungnlb.checkpoint import default_checkpoint_path  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402
 from lungnlb.io import read_image, write_nifti  # noqa: E402

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -15,17 +14,12 @@ import numpy as np
 import pytest
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_support import (  # noqa: E402
-    APP_DIR,
-    build_studies,
-    build_training_patient_studies,
-    in_process_client,
-    tiny_checkpoint,
-)
+from app_support import build_training_patient_studies, in_process_client
+from benchmarks.app_server import APP_DIR
+from benchmarks.app_studies import build_studies, tiny_checkpoint
 
-from lungnlb.checkpoint import default_checkpoint_path  # noqa: E402
-from monailabel.config import settings  # noqa: E402
+from lungnlb.checkpoint import default_checkpoint_path
+from monailabel.config import settings
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +69,6 @@ def test_info_reports_models_weights_and_strategies(client, workspace):
 def test_untrained_app_starts_and_refuses_model_infer(workspace, tmp_path):
     from fastapi import HTTPException
 
-    sys.path.insert(0, str(APP_DIR))
     from main import LungNLBApp
 
     studies = tmp_path / "studies"
@@ -140,7 +133,6 @@ def test_changed_image_file_is_not_served_from_the_cache(client, workspace):
 
 
 def test_image_cache_bound_and_in_place_rewrite(tmp_path):
-    sys.path.insert(0, str(APP_DIR))
     from lib.image_cache import ImageCache
     from lib.images import load_image
     from lungnlb.io import write_nifti
@@ -277,7 +269,6 @@ def test_trainer_reads_labelled_slices_of_the_final_label(tmp_path):
     training slices, empty reviewed slices included; without them the sidecar's list is used."""
     from fastapi import HTTPException
 
-    sys.path.insert(0, str(APP_DIR))
     from lib.trainers.slices import datastore_slices
     from main import LungNLBApp
 
@@ -292,7 +283,7 @@ def test_trainer_reads_labelled_slices_of_the_final_label(tmp_path):
     nib.save(nib.Nifti1Image(mask, source.affine), label)
 
     def volume_slices() -> dict[int, float]:
-        found = datastore_slices(datastore, app.app_config, (64, 64), None, original_weight=0.3)
+        found = datastore_slices(datastore, app.app_config, {"input_size": [64, 64]}, original_weight=0.3)
         return {s.z: float(s.mask.max()) for s in found if s.image_id == volume_id and s.tag == "final"}
 
     datastore.save_label(volume_id, str(label), "final", {"user": "a"})
@@ -305,6 +296,12 @@ def test_trainer_reads_labelled_slices_of_the_final_label(tmp_path):
             datastore.save_label(volume_id, str(label), "final", {"labelled_slices": bad})
         assert error.value.status_code == 400 and "labelled_slices" in error.value.detail
     assert len(datastore.history(volume_id)) == 2
+    # a native-resolution model trains on one patch per slice at the slice's own pixel size,
+    # centred on the label: the 30 x 30 tumour lies whole inside the 48 x 48 patch
+    native = datastore_slices(datastore, app.app_config, {"input_size": [48, 48], "patch_size": [48, 48]}, 0.3)
+    patches = {s.z: s for s in native if s.image_id == volume_id and s.tag == "final"}
+    assert set(patches) == {2, 5, 9} and patches[5].image.shape == (48, 48)
+    assert patches[5].mask.sum() == 30 * 30 and patches[2].mask.sum() == 0
 
 
 def test_strategies_return_unlabelled_images_top_k(client, workspace):
@@ -325,7 +322,6 @@ def test_disagreement_picks_the_corrupted_original_label(tmp_path, monkeypatch):
     """Shipped trained weights on tumour slices of a patient they were trained on: the model agrees
     with every radiologist label (Dice >= 0.6). Shift the label the model agrees with *most* onto
     a wrong region: `disagreement` must now rank that image first, the others keep their scores."""
-    sys.path.insert(0, str(APP_DIR))
     from main import LungNLBApp
 
     monkeypatch.setattr(settings, "MONAI_LABEL_AUTO_UPDATE_SCORING", False)  # no scoring call to a server
@@ -351,7 +347,6 @@ def test_disagreement_picks_the_corrupted_original_label(tmp_path, monkeypatch):
 def test_latest_proposal_is_kept_after_the_result_file_is_deleted(tmp_path):
     """Proposal records are written off the request path; MONAI Label deletes the result file right
     after the response, and a reader (a `final` submission) must see the latest proposal whole."""
-    sys.path.insert(0, str(APP_DIR))
     from main import LungNLBApp
 
     studies = tmp_path / "studies"
@@ -376,7 +371,7 @@ def test_multi_process_training_pickles_trains_shards_and_publishes_from_rank_0(
     job and the fitter pickle into the spawned processes, both ranks train, rank 0 publishes."""
     import torch
 
-    sys.path.insert(0, str(APP_DIR))
+    from lib.monailabel_private import train_tasks
     from lib.trainers.fit import SegmentationFit, fit_distributed
     from main import LungNLBApp
 
@@ -385,14 +380,15 @@ def test_multi_process_training_pickles_trains_shards_and_publishes_from_rank_0(
     conf = {"checkpoint": str(tiny_checkpoint(tmp_path / "ckpt" / "tiny")), "model_dir": str(tmp_path / "model"),
             "tracking": "none", "device": "cpu"}
     app = LungNLBApp(str(APP_DIR), str(studies), conf)
-    task = app._trainers["lung_nlb_seg"]
+    task = train_tasks(app)["lung_nlb_seg"]
     # force: 2 validation slices are below the publish gate's floor; this test is about the processes
     job = task.prepare({**task.config(), "max_epochs": 1, "train_batch_size": 2, "learning_rate": 1e-3, "force": True},
                        app.datastore())
     start = {key: value.clone() for key, value in job.model.state_dict().items()}
     fit_distributed(SegmentationFit(app.app_config), 2, "cpu", job)
     stats = task.stats()
-    assert stats["total_epochs"] == 1 and stats["published_epoch"] == 1 and stats["run_id"] == job.run["run_id"]
+    assert stats["epoch"] == stats["total_epochs"] == 1 and stats["published_epoch"] == 1
+    assert stats["run_id"] == job.run["run_id"]
     published = torch.load(app.app_config.published_checkpoint, map_location="cpu", weights_only=True)
     assert published.keys() == start.keys()  # the unwrapped model, not DDP's "module." names
     assert any(not torch.equal(published[k], start[k]) for k in start if start[k].is_floating_point())
@@ -417,7 +413,6 @@ def test_train_one_epoch_publishes_new_weights(client, workspace):
 
 
 def test_conf_checkpoint_must_be_a_segmentation_model(tmp_path):
-    sys.path.insert(0, str(APP_DIR))
     from torch import nn
 
     from lib.conf import parse_conf
@@ -437,7 +432,6 @@ def test_score_cache_scores_without_the_lock_and_keeps_scores_before_a_failure(t
 
     from filelock import FileLock
 
-    sys.path.insert(0, str(APP_DIR))
     from lib.activelearning.scores import ScoreCache
 
     images = {name: tmp_path / f"{name}.nii" for name in ("a", "b", "c")}
@@ -473,7 +467,6 @@ def test_model_thread_runs_every_call_on_one_thread_reentrantly_and_reraises():
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    sys.path.insert(0, str(APP_DIR))
     from lib.model_thread import ModelThread
 
     model_thread = ModelThread()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -15,8 +14,9 @@ import numpy as np
 import pydicom
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_support import APP_DIR, build_studies, in_process_client, lidc_dir, studies_snapshot, tiny_checkpoint  # noqa: E402
+from app_support import in_process_client, studies_snapshot
+from benchmarks.app_server import APP_DIR
+from benchmarks.app_studies import build_studies, lidc_dir, tiny_checkpoint
 
 UPLOAD_LIMIT_MB = 1  # small, so that the size limit is exercised without a gigabyte upload
 CORRUPT = b"\x1f\x8b\x08\x00 this is not a NIfTI file at all"
@@ -33,7 +33,6 @@ def served(tmp_path_factory):
 
 
 def _temp_files() -> list[Path]:
-    sys.path.insert(0, str(APP_DIR))
     from lib.uploads import server_temp_dir
 
     folder = server_temp_dir()
@@ -185,7 +184,6 @@ def _cases(served, folder: Path) -> list[tuple[str, str, str, dict, int]]:
 
 
 def _temp_files_parent() -> Path:
-    sys.path.insert(0, str(APP_DIR))
     from lib.uploads import server_temp_dir
 
     return server_temp_dir().parent  # the system's temporary folder, where anyone may write
@@ -260,7 +258,6 @@ def test_batch_infer_runs_without_a_gpu_and_stores_no_label(served):
 
 
 def test_limits_have_the_documented_defaults(tmp_path):
-    sys.path.insert(0, str(APP_DIR))
     from lib.conf import parse_conf
 
     config = parse_conf(APP_DIR, tmp_path, {})

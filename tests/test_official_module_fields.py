@@ -6,24 +6,29 @@ docs/slicer.md, "Using the official MONAI Label module").
 - models/trainers/strategies/scoring[name]["config"]: getParamsFromConfig sends ``v[0]`` of every list value,
   so an empty list is an IndexError on every click
 - the model types it has panels for: segmentation/detection, deepgrow/deepedit, scribbles
+- train_stats[trainer]["epoch"] / ["total_epochs"] (progress bar) and ["best_metric"] (accuracy bar, multiplied
+  as a number)
 """
 
-import sys
 
-from app_support import APP_DIR, build_studies, tiny_checkpoint
+from benchmarks.app_server import APP_DIR
+from benchmarks.app_studies import build_studies, tiny_checkpoint
 
 OFFICIAL_PANEL_TYPES = {"segmentation", "detection", "deepgrow", "deepedit", "scribbles"}
 
 
-def _info(tmp_path):
-    sys.path.insert(0, str(APP_DIR))
+def _app(tmp_path, slices_per_file: int = 1, **conf):
     from main import LungNLBApp
 
     studies = tmp_path / "studies"
-    build_studies(studies, slices_per_file=1, files=1)
+    build_studies(studies, slices_per_file=slices_per_file, files=1)
     checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
-    app = LungNLBApp(str(APP_DIR), str(studies), {"checkpoint": str(checkpoint), "model_dir": str(tmp_path / "model")})
-    return app.info()
+    conf = {"checkpoint": str(checkpoint), "model_dir": str(tmp_path / "model"), **conf}
+    return LungNLBApp(str(APP_DIR), str(studies), conf)
+
+
+def _info(tmp_path):
+    return _app(tmp_path).info()
 
 
 def test_every_task_gives_the_official_module_what_it_reads(tmp_path):
@@ -41,3 +46,30 @@ def test_every_task_gives_the_official_module_what_it_reads(tmp_path):
     shown = {name for name, model in info["models"].items() if model["type"] in OFFICIAL_PANEL_TYPES}
     assert {"lung_nlb_seg", "lung_watershed"} <= shown
     assert "lung_nlb_seg" in info["trainers"] and info["strategies"]
+
+
+def test_train_stats_give_the_official_module_progress_and_accuracy(tmp_path, monkeypatch):
+    """During a run `epoch` counts the epochs done of the planned `total_epochs`; `best_metric` is the best
+    validation Dice so far (the app's own `best_val_dice`)."""
+    import torch
+    from lib.monailabel_private import train_tasks
+    from lib.trainers.fit import SegmentationFit
+
+    app = _app(tmp_path, slices_per_file=4, tracking="none", device="cpu")
+    task = train_tasks(app)["lung_nlb_seg"]
+    job = task.prepare({**task.config(), "max_epochs": 2, "train_batch_size": 2, "val_split": 0.5}, app.datastore())
+    assert job.val_slices
+    seen = []
+    write_stats = SegmentationFit._write_stats
+
+    def recording(self, *args):
+        write_stats(self, *args)
+        seen.append(app.info()["train_stats"]["lung_nlb_seg"])
+
+    monkeypatch.setattr(SegmentationFit, "_write_stats", recording)
+    SegmentationFit(app.app_config).fit(0, 1, torch.device("cpu"), job)
+    assert [(s["epoch"], s["total_epochs"]) for s in seen] == [(1, 2), (2, 2), (2, 2)]
+    for stats in seen:
+        assert isinstance(stats["best_metric"], float) and 0.0 <= stats["best_metric"] <= 1.0
+        assert stats["best_metric"] == stats["best_val_dice"] == max(e["val_dice"] for e in stats["epochs"])
+        assert stats["total_time"] >= 0

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import psutil
 import pytest
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_support import APP_DIR, REPO, build_studies, in_process_client, tiny_checkpoint  # noqa: E402
-from test_app_server import free_port, server_command, server_env, start_server, stop_server  # noqa: E402
+from app_support import in_process_client
+from benchmarks.app_server import REPO, free_port, server_command, server_env, start_server, stop_server
+from benchmarks.app_studies import build_studies, tiny_checkpoint
 
 FOREIGN = "http://evil.example"
 

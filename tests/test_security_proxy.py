@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,9 +16,7 @@ import psutil
 import pytest
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_support import REPO  # noqa: E402
-from test_app_server import free_port, server_env  # noqa: E402
+from benchmarks.app_server import REPO, free_port, server_env
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 USERS = {"ada": ("admin", "admin-password-1"), "ann": ("annotator", "annotator-password-1")}

@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from app_support import APP_DIR, build_studies, tiny_checkpoint  # noqa: E402
-from test_app_server import start_server, stop_server  # noqa: E402
+from benchmarks.app_server import APP_DIR, start_server, stop_server
+from benchmarks.app_studies import build_studies, tiny_checkpoint
 
-from lungnlb.training.publish import MIN_VALIDATION_SLICES, decide_publication  # noqa: E402
+from lungnlb.training.publish import MIN_VALIDATION_SLICES, decide_publication
 
 
 # ---- the gate itself --------------------------------------------------------------------------
@@ -75,7 +74,6 @@ def no_scoring_calls(monkeypatch):
 
 @pytest.fixture()
 def volume_app(tmp_path):
-    sys.path.insert(0, str(APP_DIR))
     from main import LungNLBApp
 
     _volume_studies(tmp_path / "studies")
@@ -102,7 +100,6 @@ def test_a_diverging_run_leaves_the_served_model_unchanged(volume_app):
 
 
 def test_too_few_validation_slices_train_but_do_not_publish(tmp_path):
-    sys.path.insert(0, str(APP_DIR))
     from main import LungNLBApp
 
     build_studies(tmp_path / "studies", slices_per_file=2, files=2)  # 2D slices: one slice per held-out image
@@ -118,7 +115,6 @@ def test_too_few_validation_slices_train_but_do_not_publish(tmp_path):
 def test_one_training_run_at_a_time(volume_app):
     from fastapi import HTTPException
 
-    sys.path.insert(0, str(APP_DIR))
     from lib.trainers.guard import TrainerLock
 
     lock = TrainerLock(volume_app.app_config.state_dir)

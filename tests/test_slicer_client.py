@@ -20,15 +20,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from LungNLBLib.client import MonaiLabelClient
+from LungNLBLib.errors import RequestRejectedError, ServerTimeoutError, ServerUnavailableError
+from LungNLBLib.nifti import read_nifti_bytes
+from LungNLBLib.probability import probability_at
+from LungNLBLib.session import AnnotationSession, SubmissionPending, describe_training, training_active
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "slicer_extension" / "LungNLB"))
-
-from LungNLBLib.client import MonaiLabelClient  # noqa: E402
-from LungNLBLib.errors import RequestRejectedError, ServerTimeoutError, ServerUnavailableError  # noqa: E402
-from LungNLBLib.nifti import read_nifti_bytes  # noqa: E402
-from LungNLBLib.probability import probability_at  # noqa: E402
-from LungNLBLib.session import AnnotationSession, SubmissionPending, describe_training, training_active  # noqa: E402
-
 APP_DIR = REPO / "apps" / "lungnlb"
 SHARED_DATA = REPO.parent / "shared" / "data"
 SMALL_MODEL = {"name": "unet_sl_nlb", "kwargs": {"features": [8, 8, 16, 16, 32, 8]}, "in_channels": 1}

@@ -15,12 +15,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-MODULE_DIR = Path(__file__).resolve().parents[1] / "slicer_extension" / "LungNLB"
-sys.path.insert(0, str(MODULE_DIR))
+from LungNLBLib import geometry, multipart, nifti, pending, probability
+from LungNLBLib.client import MonaiLabelClient, _infer_result, Response
+from LungNLBLib.errors import format_detail
 
-from LungNLBLib import geometry, multipart, nifti, pending, probability  # noqa: E402
-from LungNLBLib.client import MonaiLabelClient, _infer_result, Response  # noqa: E402
-from LungNLBLib.errors import format_detail  # noqa: E402
+MODULE_DIR = Path(__file__).resolve().parents[1] / "slicer_extension" / "LungNLB"
 
 # -- multipart ---------------------------------------------------------------------------------------------
 

@@ -24,8 +24,6 @@ import slicer  # noqa: E402  (slicer-core; `pip install -e .[slicer]`)
 import slicer.util  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "slicer_extension" / "LungNLB"
-if str(MODULE_DIR) not in sys.path:
-    sys.path.insert(0, str(MODULE_DIR))  # as Slicer's additional module path does
 
 
 class _Logic:

@@ -8,6 +8,7 @@ Wiring only; the parts live in `lib/` (see docs/app.md):
     lib/model_store.py           current weights, their version, the loaded model
     lib/model_thread.py          the one thread every forward pass runs on
     lib/provenance.py            datastore: checked uploads, write-once original, versioned final labels
+    lib/monailabel_private.py    every private member of MONAI Label the app uses, and why
     lib/images.py                request image resolution and checks (4xx with a message)
     lib/server.py                start-up: closed unless authenticated, CORS, size limits, checked routes
     lib/uploads.py               the server's private folder for uploads and results
@@ -47,6 +48,7 @@ from lib.infers.classification import NLBClassificationInfer
 from lib.infers.segmentation import NLBSegmentationInfer
 from lib.infers.watershed import WatershedInfer
 from lib.model_store import ModelStore
+from lib.monailabel_private import infer_tasks, strategies
 from lib.provenance import ProvenanceDatastore
 from lib import uploads
 from lib.server import check_exposure, install_server_hooks, listen_host
@@ -116,8 +118,9 @@ class LungNLBApp(MONAILabelApp):
         meta = super().info()
         weights = self.store.status()
         meta["lungnlb"] = {"weights": weights, "conf": {k: str(v) for k, v in vars(self.app_config).items()}}
-        if isinstance(self._datastore, ProvenanceDatastore):
-            meta["lungnlb"]["provenance"] = self._datastore.provenance_summary()
+        datastore = self.datastore()
+        if isinstance(datastore, ProvenanceDatastore):
+            meta["lungnlb"]["provenance"] = datastore.provenance_summary()
         warnings = list(getattr(self, "startup_warnings", []))
         if not weights["trained"]:
             warnings.insert(0, weights["message"])
@@ -135,9 +138,9 @@ class LungNLBApp(MONAILabelApp):
         result_file = None
         try:
             model = request.get("model")
-            task = self._infers.get(model)
+            task = infer_tasks(self).get(model)
             if task is None:
-                raise not_found(f"no model {model!r}; available: {sorted(self._infers)}")
+                raise not_found(f"no model {model!r}; available: {sorted(infer_tasks(self))}")
             datastore = datastore or self.datastore()
             image_id, path = resolve_image(request.get("image"), datastore, self.app_config, self._session_roots())
             if uploads.is_upload(path) and not uploads.request_has_upload.get():
@@ -170,8 +173,8 @@ class LungNLBApp(MONAILabelApp):
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         strategy = request.get("strategy") or "random"
-        if strategy not in self._strategies:
-            raise not_found(f"no active-learning strategy {strategy!r}; available: {sorted(self._strategies)}")
+        if strategy not in strategies(self):
+            raise not_found(f"no active-learning strategy {strategy!r}; available: {sorted(strategies(self))}")
         return super().next_sample(request)
 
     def on_init_complete(self) -> None:

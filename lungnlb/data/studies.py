@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 IMAGE_SUFFIX = ".nii.gz"
+SIDECAR_DIR = "meta"
 REFERENCE_TAG = "original"
 REQUIRED_FIELDS = ("case", "source", "intensity")
 
@@ -30,10 +31,15 @@ def label_path(studies: str | Path, image_id: str, tag: str = REFERENCE_TAG) -> 
     return Path(studies) / "labels" / tag / f"{image_id}{IMAGE_SUFFIX}"
 
 
+def sidecar_path(studies: str | Path, image_id: str) -> Path:
+    """Path of the sidecar JSON of ``image_id`` (it may not exist)."""
+    return Path(studies) / SIDECAR_DIR / f"{image_id}.json"
+
+
 def read_records(studies: str | Path) -> list[dict[str, Any]]:
     """Read every sidecar of a prepared studies folder; each record gets `image_id`."""
     studies = Path(studies)
-    meta_dir = studies / "meta"
+    meta_dir = studies / SIDECAR_DIR
     if not meta_dir.is_dir():
         raise FileNotFoundError(f"{studies} is not a prepared studies folder: no meta/ folder of sidecars")
     records = []

@@ -21,6 +21,7 @@ import numpy as np
 from lib.conf import AppConfig
 from lib.errors import bad_request, not_found, too_large, unprocessable
 from lib.uploads import server_temp_dir
+from lungnlb.data.studies import sidecar_path
 from lungnlb.io import ImageData, read_image, write_nifti
 
 MIN_SIDE = 16  # smallest slice side the U-Net can sensibly take
@@ -94,7 +95,7 @@ def read_sidecar(config: AppConfig, image_id: str | None) -> dict:
     """The study's sidecar `meta/<id>.json` ({} when there is none); 422 when it is not a JSON object."""
     if image_id is None:
         return {}
-    sidecar = config.studies / "meta" / f"{image_id}.json"
+    sidecar = sidecar_path(config.studies, image_id)
     if not sidecar.is_file():
         return {}
     try:
@@ -212,8 +213,3 @@ def write_image(path: Path, image: ImageData) -> Path:
     write_nifti(image.array, image.affine, path)
     return path
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap 2|A∩B| / (|A|+|B|) of two bool masks; 1.0 when both are empty."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total

@@ -11,7 +11,8 @@ Rules:
   annotator had to correct) and between the `original` label and the submission.
   The latest record is also the label's info (`GET /datastore/label/info?label=<id>&tag=final`).
 * Uploads are checked before anything is written (see `lib.images`); files and the datastore JSON
-  are written atomically (temporary file in the same folder, then `os.replace`). A rejected
+  are written atomically (`lungnlb.io.atomic`; the datastore JSON through
+  `lib.monailabel_private`, which holds every private MONAI Label member this needs). A rejected
   upload's temporary file is removed at once (MONAI Label only removes it after a success); a full
   disk answers 507 and leaves the stored files as they were.
 * Unknown images and labels answer 404 (deleting, reading or updating their info); new ids and
@@ -33,19 +34,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from lib import monailabel_private, uploads
 from lib.conf import AppConfig
-from lib import uploads
 from lib.errors import bad_request, conflict, insufficient_storage, not_found
 from lib.images import (
     SIDECAR_INFO_KEYS,
     check_image_id,
     check_new_image_id,
     check_tag,
-    dice,
     header_size,
     load_image,
     load_mask,
@@ -54,7 +53,10 @@ from lib.images import (
     write_image,
     write_mask,
 )
+from lungnlb.data.studies import sidecar_path
+from lungnlb.io.atomic import atomic_write, atomic_write_text
 from lungnlb.io.image import INTENSITY_KINDS
+from lungnlb.overlap import dice
 
 logger = logging.getLogger(__name__)
 ORIGINAL = DefaultLabelTag.ORIGINAL.value
@@ -64,15 +66,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 def atomic_copy(source: Path, destination: Path) -> None:
     """Copy `source` to `destination` so a reader sees the old file or the whole new one."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
-    os.close(handle)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with source.open("rb") as stream:
+        atomic_write(destination, lambda out: shutil.copyfileobj(stream, out))
 
 
 def atomic_link_or_copy(source: Path, destination: Path) -> None:
@@ -89,19 +84,6 @@ def atomic_link_or_copy(source: Path, destination: Path) -> None:
         os.replace(tmp, destination)
     except BaseException:
         tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to `path` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -155,7 +137,7 @@ def _info_object(info: Any, what: str) -> dict[str, Any]:
     return info
 
 
-class ProvenanceDatastore(LocalDatastore):
+class ProvenanceDatastore(monailabel_private.AtomicDatastoreFile, LocalDatastore):
     """LocalDatastore with checked uploads, protected `original` labels and versioned `final` labels."""
 
     def __init__(self, config: AppConfig, **kwargs: Any):
@@ -180,8 +162,8 @@ class ProvenanceDatastore(LocalDatastore):
         `.nii.gz` as written: `proposal<suffix>`, named in `proposal.json`).
 
         The mask is hard-linked (or copied) to a staging name now, before MONAI Label deletes its
-        result file; putting it in place and writing the record (an atomic JSON write, most of the
-        ~0.9 ms this took per request) happen on the proposal thread. `_proposal` waits for it.
+        result file; putting it in place and writing the record (an atomic JSON write, the larger
+        part of the work) happen on the proposal thread, off the request. `_proposal` waits for it.
         """
         directory = self._label_dir(image_id)
         name = "proposal" + _suffix(mask_file.name)
@@ -210,7 +192,7 @@ class ProvenanceDatastore(LocalDatastore):
 
         Also what `/activelearning/<strategy>` merges into its answer. Sidecar values are read
         fresh on every call and never written into the datastore JSON."""
-        if image_id not in self._datastore.objects:
+        if image_id not in self.list_images():
             raise not_found(f"image id {str(image_id)[:140]!r} is not in the datastore")
         info = super().get_image_info(image_id)
         sidecar = read_sidecar(self.config, image_id)
@@ -231,15 +213,15 @@ class ProvenanceDatastore(LocalDatastore):
             sidecar = {"intensity": image.intensity, "source": image_info.get("source", "upload")}
             with tempfile.TemporaryDirectory() as tmp:
                 stored = source if _suffix(source.name) in NIFTI_SUFFIXES else write_image(Path(tmp) / "image.nii.gz", image)
-                atomic_write_text(self.config.studies / "meta" / f"{image_id}.json", json.dumps(sidecar, indent=2))
+                atomic_write_text(sidecar_path(self.config.studies, image_id), json.dumps(sidecar, indent=2))
                 return super().add_image(image_id, str(stored), image_info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Check and save a label; `original` is write-once, `final` is versioned with provenance."""
         with upload_guard(label_filename):
-            obj = self._object(image_id)
+            tags = self._tags(image_id)
             check_tag(label_tag)
-            if label_tag == ORIGINAL and obj.labels.get(ORIGINAL):
+            if label_tag == ORIGINAL and ORIGINAL in tags:
                 raise conflict(f"image {image_id!r} already has an original label; original labels are never overwritten")
             info = dict(_info_object(label_info, "the label's params"))
             image = load_image(Path(self.get_image_uri(image_id)), study_intensity(self.config, image_id))
@@ -250,31 +232,28 @@ class ProvenanceDatastore(LocalDatastore):
                 label_file = write_mask(Path(tmp) / f"{image_id}.nii.gz", mask, image)
                 if label_tag == FINAL:
                     info["provenance"] = self._version_final(image_id, label_file, mask, image, info)
-                return self._store_label(obj, image_id, label_file, label_tag, info)
+                return self._store_label(image_id, label_file, label_tag, info)
 
-    def _object(self, image_id: str) -> ImageLabelModel:
-        """The datastore entry of an image; 400 for an id that could not name one, 404 when unknown."""
-        obj = self._datastore.objects.get(image_id) if isinstance(image_id, str) else None
-        if obj is None:
+    def _tags(self, image_id: str) -> set[str]:
+        """The label tags of an image; 400 for an id that could not name one, 404 when unknown."""
+        if not isinstance(image_id, str) or image_id not in self.list_images():
             check_image_id(image_id)
             raise not_found(f"image id {image_id[:140]!r} is not in the datastore")
-        return obj
+        return set(self.get_labels_by_image_id(image_id))
 
     def remove_image(self, image_id: str) -> None:
         """404 for an unknown image; an image with an `original` label keeps it (409)."""
-        obj = self._object(image_id)
-        if obj.labels.get(ORIGINAL):
+        if ORIGINAL in self._tags(image_id):
             raise conflict(f"image {image_id!r} has an original label, which is never removed")
         super().remove_image(image_id)
 
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
-        self._object(image_id)
+        self._tags(image_id)
         super().update_image_info(image_id, _info_object(info, "image info"))
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         """404 for an unknown label; `labelled_slices` checked as at submission."""
-        obj = self._object(label_id)
-        if not isinstance(label_tag, str) or not obj.labels.get(label_tag):
+        if not isinstance(label_tag, str) or label_tag not in self._tags(label_id):
             raise not_found(f"image {label_id!r} has no label tagged {str(label_tag)[:80]!r}")
         info = dict(_info_object(info, "label info"))
         if "labelled_slices" in info:
@@ -308,50 +287,33 @@ class ProvenanceDatastore(LocalDatastore):
         atomic_write_text(directory / "history.json", json.dumps([*history, record], indent=2))
         return {**record, "versions": version}
 
-    def _store_label(self, obj: ImageLabelModel, image_id: str, label_file: Path, tag: str, info: dict) -> str:
-        """LocalDatastore.save_label, but the label file and the datastore JSON are replaced atomically."""
-        label_dir = Path(self._datastore.label_path(tag))
-        name = self._filename(image_id, ".nii.gz")
-        with FileLock(self._lock_file):
-            stale = obj.labels.get(tag)
-            atomic_copy(label_file, label_dir / name)
-            if stale is not None and stale.ext != ".nii.gz":
-                (label_dir / self._filename(image_id, stale.ext)).unlink(missing_ok=True)
-            info.update({"ts": int(time.time()), "name": name})
-            obj.labels[tag] = DataModel(info=info, ext=".nii.gz")
-            self._update_datastore_file(lock=False)
+    def _store_label(self, image_id: str, label_file: Path, tag: str, info: dict) -> str:
+        """LocalDatastore.save_label, but the label file and the datastore JSON are replaced atomically
+        (and a previous label of the tag in another format is removed)."""
+        destination = monailabel_private.label_file(self, image_id, tag, ".nii.gz")
+        with monailabel_private.datastore_lock(self):
+            stale = self.get_label_uri(image_id, tag)
+            atomic_copy(label_file, destination)
+            if stale and Path(stale) != Path(os.path.realpath(destination)):
+                Path(stale).unlink(missing_ok=True)
+            info.update({"ts": int(time.time()), "name": destination.name})
+            monailabel_private.set_label_entry(self, image_id, tag, info, ".nii.gz")
+            monailabel_private.write_datastore_file(self, lock=False)
         return image_id
-
-    def _update_datastore_file(self, lock: bool = True) -> None:
-        text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-
-        def write() -> None:
-            self._ignore_event_config = True
-            atomic_write_text(Path(self._datastore_config_path), text)
-            self._config_ts = os.stat(self._datastore_config_path).st_mtime
-
-        if lock:
-            with FileLock(self._lock_file):
-                write()
-        else:
-            write()
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         """Removing an `original` label is refused like overwriting it; an unknown label is 404."""
-        obj = self._object(label_id)
+        tags = self._tags(label_id)
         if label_tag == ORIGINAL:
             raise conflict("original labels are never removed or overwritten")
-        if not isinstance(label_tag, str) or not obj.labels.get(label_tag):
+        if not isinstance(label_tag, str) or label_tag not in tags:
             raise not_found(f"image {label_id!r} has no label tagged {str(label_tag)[:80]!r}")
         super().remove_label(label_id, label_tag)
 
     def provenance_summary(self) -> dict[str, Any]:
         """Counts and mean correction effort over the latest `final` submission of every image."""
-        records = [
-            obj.labels[FINAL].info.get("provenance")
-            for obj in self._datastore.objects.values()
-            if obj.labels.get(FINAL) and obj.labels[FINAL].info.get("provenance")
-        ]
+        provenance = (self.get_label_info(image_id, FINAL).get("provenance") for image_id in self.get_labeled_images())
+        records = [record for record in provenance if record]
         dices = [r["dice_proposal_vs_final"] for r in records if r.get("dice_proposal_vs_final") is not None]
         return {
             "final_labels_with_provenance": len(records),

@@ -23,8 +23,8 @@ starts a training run without looking at its parameters. The app, once built ins
   is removed once it has been sent.
 
 FastAPI allows middleware to be added only before the first request, and the app is built during
-the server's start-up (after that point): `install_server_hooks` edits the middleware list and has
-Starlette build the middleware stack again for the next request.
+the server's start-up (after that point): `install_server_hooks` replaces the middleware list
+through `lib.monailabel_private`, which has Starlette build the stack again for the next request.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the route functions' annotations at run time
@@ -54,6 +54,7 @@ from starlette.background import BackgroundTask
 
 from lib import uploads
 from lib.errors import bad_request, not_found
+from lib.monailabel_private import infer_tasks, installed_middleware, replace_middleware, train_tasks
 from lib.trainers.guard import TrainerLock
 
 logger = logging.getLogger(__name__)
@@ -210,9 +211,9 @@ def _routes(app) -> list[APIRoute]:
         user: User = Depends(user_role),
     ):
         parsed = _params_object(params)
-        task = app._infers.get(model)
+        task = infer_tasks(app).get(model)
         if task is None:
-            raise not_found(f"no model {model!r}; available: {sorted(app._infers)}")
+            raise not_found(f"no model {model!r}; available: {sorted(infer_tasks(app))}")
         if output in (ResultType.image, ResultType.dicom_seg) and getattr(task, "json_only", False):
             raise bad_request(f"{model} answers JSON only: ask for output=json")
         if output == ResultType.dicom_seg:
@@ -256,9 +257,9 @@ def _routes(app) -> list[APIRoute]:
         enqueue: Optional[bool] = False,
         user: User = Depends(admin_role),
     ):
-        task = app._trainers.get(model)
+        task = train_tasks(app).get(model)
         if task is None:
-            raise not_found(f"no trainer {model!r}; available: {sorted(app._trainers)}")
+            raise not_found(f"no trainer {model!r}; available: {sorted(train_tasks(app))}")
         task.check_request(params or {})
         if TrainerLock(app.app_config.state_dir).is_held():
             running = TrainerLock(app.app_config.state_dir).record() or {}
@@ -293,13 +294,12 @@ def install_server_hooks(app) -> None:
     origins = cors_origins()
     # by name: MONAI Label loads the app's modules afresh for every app instance, so an earlier
     # instance's RequestGuard is another class object
-    middleware = [m for m in fastapi_app.user_middleware
+    middleware = [m for m in installed_middleware(fastapi_app)
                   if getattr(m.cls, "__name__", "") not in (CORSMiddleware.__name__, RequestGuard.__name__)]
     middleware.insert(0, Middleware(CORSMiddleware, allow_origins=origins, allow_credentials=True,
                                     allow_methods=["*"], allow_headers=["*"]))
     middleware.insert(0, Middleware(RequestGuard, max_body_bytes=int(app.app_config.max_upload_mb * (1 << 20)),
                                     allowed_origins=origins))
-    fastapi_app.user_middleware = middleware
     fastapi_app.add_exception_handler(json.JSONDecodeError, _json_error)
     fastapi_app.add_exception_handler(ImageNotFoundException, _not_found)
     fastapi_app.add_exception_handler(LabelNotFoundException, _not_found)
@@ -310,5 +310,5 @@ def install_server_hooks(app) -> None:
     for route in checked:
         route.lungnlb = True
     fastapi_app.router.routes[:] = checked + routes
-    fastapi_app.middleware_stack = None  # rebuilt by Starlette on the next request, with the above
+    replace_middleware(fastapi_app, middleware)
     logger.info(f"LungNLB request checks installed; allowed web origins besides the server's own: {origins or 'none'}")

@@ -29,10 +29,12 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from lib.activelearning.lung_region import lung_region
 from lib.conf import AppConfig
-from lib.images import dice, load_image, load_mask, study_intensity
+from lib.images import load_image, load_mask, study_intensity
 from lib.model_store import LoadedModel, ModelStore
-from lib.provenance import atomic_write_text
 from lib.trainers.slices import labelled_slices, listed_slices
+from lungnlb.data.studies import sidecar_path
+from lungnlb.io.atomic import atomic_write_text
+from lungnlb.overlap import dice
 
 SCORING_NAME = "lung_nlb_scores"
 
@@ -64,7 +66,7 @@ def score_image(loaded: LoadedModel, config: AppConfig, datastore, image_id: str
 def input_stamp(config: AppConfig, datastore, image_id: str) -> list:
     """(mtime_ns, size) of the files a score depends on: image, original label, sidecar (None if absent)."""
     paths = [datastore.get_image_uri(image_id), datastore.get_label_uri(image_id, "original"),
-             config.studies / "meta" / f"{image_id}.json"]
+             sidecar_path(config.studies, image_id)]
     stamps = []
     for path in paths:
         stat = Path(path).stat() if path and Path(path).is_file() else None

@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from lib.conf import AppConfig
-from lib.images import dice
 from lib.model_store import file_version
-from lib.provenance import atomic_write_text
 from lib.trainers.slices import TrainSlice
 from lungnlb.checkpoint import save_checkpoint
+from lungnlb.io.atomic import atomic_write_text
+from lungnlb.overlap import dice
 from lungnlb.training.loss import MultiTaskLoss
 from lungnlb.training.publish import decide_publication
 
@@ -81,7 +81,7 @@ class SegmentationFit:
             if score >= best:
                 best, best_epoch = score, history[-1]
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self._write_stats(run, history, best if job.val_slices else None)
+            self._write_stats(run, history, int(req["max_epochs"]), best if job.val_slices else None)
         if rank == 0:
             # PUBLISH GATE (lungnlb.training.publish): the best epoch replaces the model in use only if it validates better
             decision = decide_publication(
@@ -94,7 +94,7 @@ class SegmentationFit:
             if decision.publish:
                 model.load_state_dict(best_state)
                 self._publish(model, job.model_config, best_epoch, run)
-            self._write_stats(run, history, best if job.val_slices else None)
+            self._write_stats(run, history, int(req["max_epochs"]), best if job.val_slices else None)
         if tracker is not None:
             tracker.close()
 
@@ -106,10 +106,15 @@ class SegmentationFit:
         run["published_epoch"] = epoch["epoch"]
         run["model_version"] = file_version(self.config.published_checkpoint)
 
-    def _write_stats(self, run: dict, history: list[dict], best_val_dice: float | None) -> None:
-        stats = {**run, "epochs": history, "total_epochs": len(history), "best_val_dice": best_val_dice,
-                 "total_time": round(time.time() - run["start_ts"], 2),
+    def _write_stats(self, run: dict, history: list[dict], planned_epochs: int, best_val_dice: float | None) -> None:
+        """The stats `/info` shows. `epoch` (epochs done), `total_epochs` (planned) and `best_metric`
+        are the names Slicer's official MONAI Label module reads for its progress and accuracy bars;
+        it multiplies `best_metric` as a number, so without a validation Dice it is left out."""
+        stats = {**run, "epochs": history, "epoch": len(history), "total_epochs": planned_epochs,
+                 "best_val_dice": best_val_dice, "total_time": round(time.time() - run["start_ts"], 2),
                  "published": str(self.config.published_checkpoint) if run.get("published_epoch") else None}
+        if best_val_dice is not None:
+            stats["best_metric"] = best_val_dice
         atomic_write_text(self.config.train_stats_path, json.dumps(stats, indent=2))
 
 
