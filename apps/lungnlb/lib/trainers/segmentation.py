@@ -108,9 +108,7 @@ class NLBSegmentationTrain(TrainTask):
         start_path = self.store.checkpoint_path()
         model, model_config = load_model(start_path) if start_path else (None, copy.deepcopy(DEFAULT_NETWORK))
         model = model if model is not None else build_from_config(model_config)
-        input_size = tuple(int(v) for v in model_config["input_size"])
-        window = (model_config.get("intensity") or {}).get("window")
-        slices = datastore_slices(datastore, self.app_config, input_size, window, float(req["original_weight"]))
+        slices = datastore_slices(datastore, self.app_config, model_config, float(req["original_weight"]))
         if not slices:
             raise unprocessable("nothing to train on: no image has a final (or original) label")
         train_slices, val_slices = _split_by_image(slices, float(req["val_split"]), int(req["seed"]))

@@ -4,9 +4,12 @@ For every image, the `final` label wins over the `original` one. The slices used
 `labelled_slices` plus every slice where the label has foreground (a 2D image is its one slice).
 A `final` label's `labelled_slices` come from its label info (the slices the annotator reviewed,
 sent with the submission, e.g. by the Slicer client); an `original` label's, or a `final` label
-submitted without them, from the study sidecar. Each slice is mapped with `to_model_input` and
-resized to the model's input size; its class target (neoplasm on this slice) is whether its mask
-is non-empty, so a reviewed slice left empty is a "no tumour" example.
+submitted without them, from the study sidecar. Each slice is mapped with the checkpoint's
+`IntensityMapping` and resized to the model's input size, or, for a native-resolution model
+(config ``patch_size``), cut as one patch of that size at the slice's own pixel size, centred on the
+label's foreground (the slice's centre when it has none) and padded with air; its class target
+(neoplasm on this slice) is whether its mask is non-empty, so a reviewed slice left empty is a
+"no tumour" example.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import torch
 
 from lib.images import load_image, load_mask, read_sidecar, study_intensity
 from lib.conf import AppConfig
-from lungnlb.inference import resize_batch
-from lungnlb.io.intensity import to_model_input
+from lungnlb.inference import AIR_HU, resize_batch
+from lungnlb.io.intensity import IntensityMapping
 
 
 @dataclass
@@ -55,10 +58,25 @@ def _resized(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resize_batch(tensor, size)[0, 0].numpy()
 
 
+def native_patch(plane: np.ndarray, mask: np.ndarray, size: int, air: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ``size`` x ``size`` patch of ``plane`` and ``mask`` centred on the mask's foreground, air-padded."""
+    rows, columns = np.nonzero(mask) if mask.any() else (np.array([plane.shape[0] // 2]), np.array([plane.shape[1] // 2]))
+    centre = (int(round(rows.mean())), int(round(columns.mean())))
+    half = size // 2
+    padded_plane = np.pad(plane, half, constant_values=air)
+    padded_mask = np.pad(mask, half)
+    window = (slice(centre[0], centre[0] + size), slice(centre[1], centre[1] + size))
+    return padded_plane[window].astype(np.float32), padded_mask[window].astype(np.float32)
+
+
 def datastore_slices(
-    datastore, config: AppConfig, input_size: tuple[int, int], window, original_weight: float
+    datastore, config: AppConfig, model_config: dict, original_weight: float
 ) -> list[TrainSlice]:
-    """All training slices of the datastore (see the module docstring)."""
+    """All training slices of the datastore for the model of ``model_config`` (see the module docstring)."""
+    mapping = IntensityMapping.from_config(model_config.get("intensity"))
+    input_size = tuple(int(v) for v in model_config["input_size"])
+    patch = int(model_config["patch_size"][0]) if "patch_size" in model_config else None
+    air = float(mapping(np.full((1, 1), AIR_HU, np.float32), "hu")[0, 0])
     slices: list[TrainSlice] = []
     for image_id in datastore.list_images():
         tags = datastore.get_labels_by_image_id(image_id)
@@ -67,10 +85,14 @@ def datastore_slices(
             continue
         image = load_image(Path(datastore.get_image_uri(image_id)), study_intensity(config, image_id))
         mask = load_mask(Path(datastore.get_label_uri(image_id, tag)), image)
-        volume = to_model_input(image.array, image.intensity, window=window)
+        volume = mapping(image.array, image.intensity)
         volume, mask = (volume, mask) if volume.ndim == 3 else (volume[None], mask[None])
         weight = 1.0 if tag == "final" else original_weight
         for z in labelled_slices(mask, listed_slices(config, datastore, image_id, tag)):
-            resized_mask = (_resized(mask[z].astype(np.float32), input_size) > 0.5).astype(np.float32)
-            slices.append(TrainSlice(image_id, z, _resized(volume[z], input_size), resized_mask, weight, tag))
+            if patch is not None:
+                plane, plane_mask = native_patch(volume[z], mask[z] > 0.5, patch, air)
+            else:
+                plane = _resized(volume[z], input_size)
+                plane_mask = (_resized(mask[z].astype(np.float32), input_size) > 0.5).astype(np.float32)
+            slices.append(TrainSlice(image_id, z, plane, plane_mask, weight, tag))
     return slices
