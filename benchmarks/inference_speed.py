@@ -1,0 +1,83 @@
+"""Interactive speed of the shipped weights' inference path, against the plain U-Net in the same run.
+
+    .venv/bin/python -m benchmarks.inference_speed [--rounds 3]
+
+Times `Predictor.predict` (intensity mapping, the checkpoint's inference form, post-processing) on
+one real 512 x 512 slice and on a real whole CT series (the first DICOM series found under
+../shared/data/lung-pet-ct-dx), for the shipped checkpoint and for the same checkpoint with its
+network replaced by the plain U-Net (random weights: the cost of a forward pass does not depend on
+them). Prints the medians, the NLB / plain ratios and the time a 300-slice volume takes at the
+measured per-slice rate; writes benchmarks/results/inference_speed.json (with date and commit).
+Targets: a slice <= 0.5 s, a 300-slice volume <= 60 s, NLB <= 1.10x the plain U-Net.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+from lungnlb.runtime import enable_huge_pages
+
+enable_huge_pages()
+
+import torch  # noqa: E402
+
+from lungnlb.checkpoint import build_from_config  # noqa: E402
+from lungnlb.inference import Predictor  # noqa: E402
+from lungnlb.io import list_dicom_series, read_dicom_series  # noqa: E402
+from lungnlb.io.atomic import atomic_write_text  # noqa: E402
+from lungnlb.stamp import run_stamp  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VOLUME_SLICES = 300
+
+
+def plain_twin(predictor: Predictor) -> Predictor:
+    """The same checkpoint config and inference form with the plain U-Net as the network."""
+    config = copy.deepcopy(predictor.config)
+    config["model"] = {**config["model"], "name": "unet", "kwargs": {}}
+    return Predictor(build_from_config(config), config)
+
+
+def median_seconds(call, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "lung-pet-ct-dx")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "inference_speed.json")
+    args = parser.parse_args(argv)
+    volume = read_dicom_series(list_dicom_series(args.data)[0])
+    middle = volume.array[len(volume.array) // 2]
+    rows = {}
+    shipped = Predictor.from_checkpoint()
+    for name, predictor in (("shipped", shipped), ("plain unet", plain_twin(shipped))):
+        predictor.predict(middle, "hu")  # warm-up: first-call allocations
+        slice_s = median_seconds(lambda p=predictor: p.predict(middle, "hu"), args.rounds)
+        volume_s = median_seconds(lambda p=predictor: p.predict(volume.array, "hu"), max(1, args.rounds // 2))
+        rows[name] = {"slice_s": slice_s, "volume_s": volume_s, "volume_slices": len(volume.array),
+                      f"volume_{VOLUME_SLICES}_s_at_this_rate": volume_s / len(volume.array) * VOLUME_SLICES}
+    ratio = {key: rows["shipped"][key] / rows["plain unet"][key] for key in ("slice_s", "volume_s")}
+    report = {"model": shipped.config["model"], "native": shipped.native, "threads": torch.get_num_threads(),
+              "rows": rows, "nlb_over_plain": ratio, **run_stamp()}
+    atomic_write_text(args.out, json.dumps(report, indent=2))
+    for name, row in rows.items():
+        print(f"{name:<11} slice {row['slice_s']:.3f} s   {row['volume_slices']}-slice volume {row['volume_s']:.1f} s   "
+              f"{VOLUME_SLICES} slices at this rate {row[f'volume_{VOLUME_SLICES}_s_at_this_rate']:.1f} s")
+    print(f"NLB / plain: slice {ratio['slice_s']:.3f}x, volume {ratio['volume_s']:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
