@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--checkpoint", type=Path, help="default: the shipped weights")
     parser.add_argument("--work", type=Path, help="where the studies folders are prepared (default: a temp folder)")
-    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--sets", nargs="+", default=["crops", "vois", "whole_unseen"], choices=list(SETS),
+                        help="whole_all adds every whole-slice patient, trained-on ones included (flagged)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args(argv)

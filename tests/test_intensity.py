@@ -87,12 +87,17 @@ def test_old_config_gives_the_input_it_was_trained_with():
 
 
 def test_shipped_weights_record_their_mapping():
+    """The shipped config names every kind's rule with its constants, and the Predictor maps exactly by them
+    (not by whatever the library's constants are now)."""
     config = json.loads((ROOT / "lungnlb" / "weights" / "default.json").read_text())
-    assert config["intensity"]["normalized"] == {"rule": "linear", "slope": 818.9, "intercept": -887.4}
+    recorded = config["intensity"]
+    assert {"window", "normalized", "crops8bit"} <= set(recorded)
+    assert all("rule" in recorded[kind] for kind in ("normalized", "crops8bit"))
     predictor = Predictor(_Identity(), config)
     npz = np.load(sorted((DATA / "lidc-idri" / "slices").glob("*.npz"))[0])["images"][0]
-    expected = IntensityMapping.from_config({"window": None})(npz, "normalized")
+    expected = IntensityMapping.from_config(json.loads(json.dumps(recorded)))(npz, "normalized")
     assert np.array_equal(predictor.model_input(npz, "normalized"), expected)
+    assert not np.array_equal(expected, IntensityMapping.from_config({"window": None})(npz, "normalized"))
 
 
 class _Identity:
