@@ -1,7 +1,9 @@
 """Segment a CT slice with the NLB U-Net and write a PNG overlay (defaults: the bundled sample and shipped weights).
 
 For a volume the slice with the highest tumour probability is shown. Where the image has an `original`
-label in a prepared studies folder, its contour is drawn too, so the model can be compared with it.
+label in a prepared studies folder, its contour is drawn too, so the model can be compared with it,
+and the title says whether the checkpoint trained on (or was selected on) that patient: the bundled
+sample's patients were all in the shipped weights' training data.
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ def original_label(image_path: Path) -> np.ndarray | None:
     return read_image(candidate).array > 0 if candidate.exists() else None
 
 
+def patient_status(image_path: Path, config: dict) -> str:
+    """Whether the checkpoint saw the image's patient (from the sidecar's case), in words."""
+    from lungnlb.evaluation.evaluate import seen_cases
+
+    sidecar = image_path.parent / "meta" / (image_path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+    if not sidecar.is_file():
+        return "patient unknown to the checkpoint's records"
+    case = json.loads(sidecar.read_text()).get("case")
+    return "a patient seen in training" if case in seen_cases(config) else "a patient never trained on"
+
+
 def run(args: argparse.Namespace) -> int:
     from lungnlb.checkpoint import default_checkpoint_path, load_model
     from lungnlb.inference import Predictor
@@ -61,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     if reference is not None and reference.ndim == 3:
         reference = reference[z]
     save_overlay(args.out, slices[z], probability[z] >= args.threshold, reference,
-                 title=f"{image_path.name}  slice {z}  tumour probability {slice_probability[z]:.2f}")
+                 title=f"{image_path.name}  slice {z}  tumour probability {slice_probability[z]:.2f}\n"
+                       f"({patient_status(image_path, config)})")
     print(f"tumour probability {slice_probability[z]:.3f} (slice {z}); "
           f"mask {int((probability[z] >= args.threshold).sum())} px; overlay written to {args.out}")
     return 0
