@@ -49,6 +49,7 @@ class PredictionResult:
 AIR_HU = -1000.0
 MIN_COMPONENT_PIXELS = 10  # a 3 mm nodule at 0.7-0.8 mm pixels covers ~12 pixels
 WINDOW_OVERLAP = 0.25
+WINDOW_BATCH = 32  # windows per forward pass: small windows leave the CPU's matrix kernels idle in small batches
 BODY_MARGIN = 0.05  # model-input units above air: windows are laid over the patient, not the air around
 
 
@@ -166,7 +167,7 @@ class Predictor:
         """The native form: sliding window per slice, small components removed, slice = max of the mask."""
         from monai.inferers import SlidingWindowInferer
 
-        inferer = SlidingWindowInferer(roi_size=self.patch_size, sw_batch_size=self.batch_size, overlap=WINDOW_OVERLAP,
+        inferer = SlidingWindowInferer(roi_size=self.patch_size, sw_batch_size=WINDOW_BATCH, overlap=WINDOW_OVERLAP,
                                        mode="gaussian", padding_mode="constant", cval=self.air())
         probability = np.zeros(volume.shape, dtype=np.float32)
         for z in range(volume.shape[0]):
