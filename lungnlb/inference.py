@@ -46,7 +46,6 @@ class PredictionResult:
     slice_probability: np.ndarray | float
 
 
-AIR_HU = -1000.0
 MIN_COMPONENT_PIXELS = 10  # a 3 mm nodule at 0.7-0.8 mm pixels covers ~12 pixels
 WINDOW_OVERLAP = 0.25
 WINDOW_BATCH = 32  # windows per forward pass: small windows leave the CPU's matrix kernels idle in small batches
@@ -123,7 +122,7 @@ class Predictor:
 
     def air(self) -> float:
         """The model input value of air (-1000 HU) under this checkpoint's intensity mapping."""
-        return float(self.model_input(np.full((1, 1), AIR_HU, np.float32), "hu")[0, 0])
+        return self.intensity.air()
 
     @torch.no_grad()
     def predict(self, array: np.ndarray, intensity: str) -> PredictionResult:
@@ -167,11 +166,12 @@ class Predictor:
         """The native form: sliding window per slice, small components removed, slice = max of the mask."""
         from monai.inferers import SlidingWindowInferer
 
+        air = self.air()
         inferer = SlidingWindowInferer(roi_size=self.patch_size, sw_batch_size=WINDOW_BATCH, overlap=WINDOW_OVERLAP,
-                                       mode="gaussian", padding_mode="constant", cval=self.air())
+                                       mode="gaussian", padding_mode="constant", cval=air)
         probability = np.zeros(volume.shape, dtype=np.float32)
         for z in range(volume.shape[0]):
-            box = body_box(volume[z], self.air() + BODY_MARGIN)
+            box = body_box(volume[z], air + BODY_MARGIN)
             if box is None:
                 continue
             region = np.ascontiguousarray(volume[z][box], dtype=np.float32)

@@ -7,7 +7,7 @@ model's [0, 1] input) is placed at the centre of a square canvas filled with air
 the model's own intensity mapping), predicted like any slice, and cut back out. The canvas is the
 whole slice a whole-slice model was trained on (``config["slice_size"]``, ``WHOLE_SLICE`` pixels
 when the checkpoint does not say); a native-resolution model (``patch_size``) already works at the
-crop's scale, so its canvas is just large enough for one window. The alternative ``"resize"`` hands the crop to the model as if it were a whole slice (the
+crop's scale, so its canvas (its config's ``slice_size`` is the patch size) is just large enough for one window. The alternative ``"resize"`` hands the crop to the model as if it were a whole slice (the
 `Predictor` resizes it to the input size), which enlarges a nodule several-fold beyond anything the
 model saw in training; it is offered for comparison.
 
@@ -29,8 +29,7 @@ def predict_crops(predictor, volume: np.ndarray, rule: str = "pad") -> tuple[np.
     if rule == "resize":
         return predictor.predict_normalized(volume)
     n, height, width = volume.shape
-    field = predictor.config.get("patch_size", [predictor.config.get("slice_size", WHOLE_SLICE)])[0]
-    size = max(int(field), height, width)
+    size = max(int(predictor.config.get("slice_size", WHOLE_SLICE)), height, width)
     top, left = (size - height) // 2, (size - width) // 2
     canvas = np.full((n, size, size), predictor.air(), np.float32)
     canvas[:, top:top + height, left:left + width] = volume

@@ -105,8 +105,8 @@ def lesion_detection(probability: np.ndarray, reference: np.ndarray, threshold: 
     for lesion in range(1, n_lesions + 1):
         touching = np.unique(predicted[lesions == lesion])
         lesion_scores.append(float(peak_of[touching].max()))
-    touching_any = np.unique(predicted[lesions > 0])
-    false_positive = [c for c in range(1, n_predicted + 1) if c not in set(touching_any.tolist())]
+    touching_any = set(np.unique(predicted[lesions > 0]).tolist())
+    false_positive = [c for c in range(1, n_predicted + 1) if c not in touching_any]
     return {
         "lesions": n_lesions,
         "found": int(sum(score > 0 for score in lesion_scores)),

@@ -32,6 +32,7 @@ import numpy as np
 from monai.transforms import ScaleIntensityRange
 
 LUNG_WINDOW = (-600.0, 1500.0)  # (centre, width) in HU
+AIR_HU = -1000.0
 # HU = slope * v + intercept: the pooled fit of npz slices against the DICOM of LIDC-IDRI-0001..0003
 # that every checkpoint written before the mapping's constants were recorded was trained with.
 NPZ_TO_HU_POOLED = (818.9, -887.4)
@@ -194,6 +195,11 @@ class IntensityMapping:
         low, high = window_bounds(self.window)
         scaled = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(self.to_hu(array, intensity))
         return np.asarray(scaled, dtype=np.float32)
+
+    def air(self) -> float:
+        """The model input value of air (``AIR_HU``): what padding around a patient must be."""
+        low, high = window_bounds(self.window)
+        return float(np.clip((AIR_HU - low) / (high - low), 0.0, 1.0))
 
     def as_config(self) -> dict[str, Any]:
         """Plain (JSON) dict: the window and every kind's constants."""

@@ -36,7 +36,6 @@ from lungnlb.evaluation.metrics import (
     per_slice_segmentation,
     summarize_segmentation,
 )
-from lungnlb.inference import AIR_HU
 from lungnlb.io.intensity import IntensityMapping
 from lungnlb.training.augment import patch_transforms, train_transforms
 from lungnlb.training.dataset import (
@@ -370,7 +369,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     transform_seed = config.seed * 1000 + rank + step
     if config.patch_size:
-        transform = patch_transforms(transform_seed, config.patch_size, float(mapping(np.full((1, 1), AIR_HU), "hu")[0, 0]),
+        transform = patch_transforms(transform_seed, config.patch_size, mapping.air(),
                                      config.pos_fraction, config.augment)
     else:
         transform = train_transforms(transform_seed) if config.augment else None

@@ -22,7 +22,7 @@ import torch
 
 from lib.images import load_image, load_mask, read_sidecar, study_intensity
 from lib.conf import AppConfig
-from lungnlb.inference import AIR_HU, resize_batch
+from lungnlb.inference import resize_batch
 from lungnlb.io.intensity import IntensityMapping
 
 
@@ -76,7 +76,7 @@ def datastore_slices(
     mapping = IntensityMapping.from_config(model_config.get("intensity"))
     input_size = tuple(int(v) for v in model_config["input_size"])
     patch = int(model_config["patch_size"][0]) if "patch_size" in model_config else None
-    air = float(mapping(np.full((1, 1), AIR_HU, np.float32), "hu")[0, 0])
+    air = mapping.air()
     slices: list[TrainSlice] = []
     for image_id in datastore.list_images():
         tags = datastore.get_labels_by_image_id(image_id)
