@@ -28,10 +28,6 @@ from pathlib import Path
 
 from benchmarks.app_server import APP_DIR, REPO
 
-# the app's main.py imports its `lib` package from the app folder: `monailabel start_server` puts
-# that folder on the path, and this benchmark serves the app in-process without it
-sys.path.insert(0, str(APP_DIR))
-
 TIMES: dict[str, list[float]] = collections.defaultdict(list)
 
 
@@ -47,10 +43,21 @@ def timed(name: str, fn):
     return wrapper
 
 
+def _rerun_with_app_on_path() -> None:
+    """The app's main.py imports its `lib` package from the app folder, which `monailabel start_server`
+    puts on PYTHONPATH for the server process; this benchmark serves the app in-process, so it runs
+    itself again with the same PYTHONPATH (the environment of a new process, not an edit of sys.path)."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(APP_DIR) not in paths:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(APP_DIR), *paths])}
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.endpoint_parts", *sys.argv[1:]], env)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=40)
     args = parser.parse_args()
+    _rerun_with_app_on_path()
     work = Path(tempfile.mkdtemp(prefix="lungnlb-endpoint-"))
     shutil.copytree(REPO / "sample_data" / "studies", work / "studies")
     from monailabel.config import settings

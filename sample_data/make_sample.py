@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# lungnlb is installed (editable, by scripts/setup.sh): no path to add
+from lungnlb.io import read_dicom_series, read_voc_folder
+from lungnlb.io.dicom import list_dicom_series
+from lungnlb.prepare import prepare
 
-from lungnlb.io import read_dicom_series, read_voc_folder  # noqa: E402
-from lungnlb.io.dicom import list_dicom_series  # noqa: E402
-from lungnlb.prepare import prepare  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CT_SLICES = 5
 NPZ_KEYS = ("images", "masks", "names", "malignancy", "is_cancer")

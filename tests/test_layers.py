@@ -70,3 +70,37 @@ def test_no_two_packages_import_each_other():
 
     loops = sorted(unit for unit in graph if reaches(unit, unit, {unit}))
     assert not loops, f"import loops through {loops}"
+
+
+REPO = PACKAGE.parent
+NOT_CODE = {".venv", ".git", "runs", "tests", "build", "out", "__pycache__"}  # tests may set up paths; the rest is not ours
+
+
+def _edits_sys_path(tree: ast.AST) -> bool:
+    """Any `sys.path.<insert|append|extend|remove>(...)`, assignment to `sys.path` or `site.addsitedir`."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            target = ast.unparse(node)
+            if target in ("sys.path.insert", "sys.path.append", "sys.path.extend", "sys.path.remove", "site.addsitedir"):
+                return True
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(ast.unparse(t).startswith("sys.path") for t in targets):
+                return True
+    return False
+
+
+def test_the_probe_sees_a_path_edit():
+    assert _edits_sys_path(ast.parse("import sys\nsys.path.insert(0, 'x')"))
+    assert _edits_sys_path(ast.parse("import sys\nsys.path[:0] = ['x']"))
+    assert not _edits_sys_path(ast.parse("import sys\nprint(sys.path)"))
+
+
+def test_no_code_outside_tests_edits_sys_path():
+    """Code is imported as installed packages, with `python -m` from the repository root, or with
+    PYTHONPATH set for a new process (pytest's `pythonpath`, `monailabel start_server`); a path edit
+    in code would hide a module that cannot be imported the ordinary way."""
+    files = [p for p in REPO.rglob("*.py") if not NOT_CODE & set(p.relative_to(REPO).parts)]
+    assert len(files) > 50, "the scan found too few files to mean anything"
+    editing = [str(p.relative_to(REPO)) for p in files if _edits_sys_path(ast.parse(p.read_text(encoding="utf-8")))]
+    assert not editing, f"these edit sys.path: {editing}"
