@@ -4,9 +4,16 @@ Request parameters (pixel coordinates of the image array: x = column, y = row, z
 the voxel (i, j, k) order of the NIfTI file, the order 3D Slicer's MONAI Label client sends):
 
     box          [x_min, y_min, x_max, y_max] inclusive (PASCAL VOC), or
+    roi          [i_min, i_max, j_min, j_max, k_min, k_max]: the box of Slicer's official MONAI Label
+                 module (its ROI prompt, `getROIPointsXYZ`: each pair is the voxel index of the ROI's
+                 RAS corners, so a pair may come reversed on a flipped axis; i = x, j = y, k = z), or
     foreground   [[x, y], ...] or [[x, y, z], ...] clicks inside the object,
     background   [[x, y], ...] or [[x, y, z], ...] clicks outside it (optional),
     slice        z of the slice to segment for a volume (else the clicks' z; 0 for a 2D image)
+
+A box (`box`, else `roi`) wins over clicks. With `roi`, the slice is `slice` when it lies in the ROI's
+k range, else the middle of that range (the official module sends the Red view's offset in mm as
+`slice` when only the ROI is placed).
 
 Result image: uint8 mask of the image's shape and geometry, non-zero only on that slice.
 """
@@ -53,7 +60,11 @@ class WatershedInfer(LungInferTask):
         box = _box(request.get("box"))
         foreground = _points(request.get("foreground"), "foreground")
         background = _points(request.get("background"), "background")
-        z = _slice_index(request, foreground + background, volume.shape[0])
+        roi = None if box else _roi(request.get("roi"))
+        if roi is not None:
+            box, z = roi[0], _roi_slice(request, roi[1], volume.shape[0])
+        else:
+            z = _slice_index(request, foreground + background, volume.shape[0])
         plane = volume[z]
         try:
             if box:
@@ -61,7 +72,8 @@ class WatershedInfer(LungInferTask):
             elif foreground:
                 mask2d = points_to_mask(plane, [p[:2] for p in foreground], [p[:2] for p in background])
             else:
-                raise bad_request("lung_watershed needs a 'box' [x_min, y_min, x_max, y_max] or 'foreground' points")
+                raise bad_request("lung_watershed needs a 'box' [x_min, y_min, x_max, y_max], an 'roi' "
+                              "[i_min, i_max, j_min, j_max, k_min, k_max] or 'foreground' points")
         except (ValueError, TypeError) as error:
             raise unprocessable(f"lung_watershed: {error}") from error
         mask = np.zeros(volume.shape, dtype=bool)
@@ -70,6 +82,7 @@ class WatershedInfer(LungInferTask):
         return str(path), {
             "slice": z,
             "method": "box" if box else "points",
+            "box": box or None,
             "mask_pixels": int(mask2d.sum()),
             "latencies": {"total": round(time.perf_counter() - start, 4)},
         }
@@ -92,6 +105,28 @@ def _box(value: Any) -> list[int]:
         return [_coordinate(v) for v in value]
     except (TypeError, ValueError, OverflowError) as error:
         raise bad_request(f"box must be [x_min, y_min, x_max, y_max] of finite numbers, got {value!r}") from error
+
+
+def _roi(value: Any) -> tuple[list[int], tuple[int, int]] | None:
+    """The official module's `roi` -> ([x_min, y_min, x_max, y_max], (k_min, k_max)); None when absent."""
+    if not value:
+        return None
+    try:
+        if len(value) != 6 or isinstance(value, (str, bytes, dict)):
+            raise ValueError("not 6 numbers")
+        i0, i1, j0, j1, k0, k1 = (_coordinate(v) for v in value)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise bad_request(f"roi must be [i_min, i_max, j_min, j_max, k_min, k_max] of finite numbers, got {value!r}") from error
+    return [min(i0, i1), min(j0, j1), max(i0, i1), max(j0, j1)], (min(k0, k1), max(k0, k1))
+
+
+def _roi_slice(request: dict[str, Any], k_range: tuple[int, int], depth: int) -> int:
+    """`slice` when it lies in the ROI's k range (and the image), else the middle of that range."""
+    low, high = max(k_range[0], 0), min(k_range[1], depth - 1)
+    if low > high:
+        raise bad_request(f"roi slices {k_range[0]}..{k_range[1]} lie outside the image's {depth} slice(s)")
+    z = requested_slice(request)
+    return z if z is not None and low <= z <= high else (low + high) // 2
 
 
 def _points(value: Any, name: str) -> list[list[int]]:
