@@ -32,6 +32,8 @@ HELP = {
     "seg_fraction": "expected share of slices with a mask per batch ('none': sample uniformly)",
     "balance_classes": "weight positives by the drawn negative/positive ratio in the BCE",
     "grad_clip": "max gradient norm (0: off)",
+    "val_slices": "validate on at most N slices, a seeded draw keeping the mix of tumour and tumour-free slices "
+                  "('none': all)",
     "split": "reuse this split.json instead of making a new split",
     "all_data": "train on every case (no validation / test)",
     "amp": "mixed precision on GPU",

@@ -70,6 +70,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     val_every: int = 200
+    val_slices: int | None = None  # validate on at most this many slices (a seeded draw keeping the mix)
     split: str | None = None
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -201,6 +202,25 @@ def validation_metrics(
         metrics.update(classification_metrics(scores[cls_index], labels, threshold))
         metrics["cls_logit_offset"] = logit_offset(threshold) if windows is None else 0.0
     return metrics
+
+
+def validation_subset(samples: list[SliceSample], limit: int | None, seed: int) -> list[SliceSample]:
+    """At most `limit` samples, drawn per kind (with a mask / tumour-free / class only) in proportion
+    to the kind's share, seeded, in their original order: validation by sliding window costs a
+    second a whole slice on a CPU, so a long list is sampled rather than cut."""
+    if limit is None or len(samples) <= limit:
+        return samples
+    if limit < 1:
+        raise ValueError(f"val_slices must be at least 1, got {limit}")
+    kinds: dict[tuple[bool, Any], list[int]] = {}
+    for index, sample in enumerate(samples):
+        kinds.setdefault((sample.mask is not None, sample.class_label), []).append(index)
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for indices in kinds.values():
+        share = max(1, round(limit * len(indices) / len(samples)))
+        keep += rng.choice(indices, size=min(share, len(indices)), replace=False).tolist()
+    return [samples[i] for i in sorted(keep)]
 
 
 def logit_offset(threshold: float, limit: float = 8.0) -> float:
@@ -336,6 +356,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         config.data, size, split["images"]["train"], records, progress=config.progress and rank == 0, mapping=mapping
     )
     val_samples = load_slices(config.data, size, split["images"]["val"], records, mapping=mapping) if rank == 0 else []
+    val_samples = validation_subset(val_samples, config.val_slices, config.seed)
     if not segmentation:
         train_samples = [s for s in train_samples if s.class_label is not None]
     if config.patch_size:  # only slices whose every patch has a known truth: a lesion mask, or tumour-free
