@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/pip install -q -e ".[app,test,slicer]"
+.venv/bin/pip install -q -e ".[app,test,slicer,pacs]"
 
 # nginx (Debian's package) for the authenticated TLS proxy, scripts/serve_proxy.sh, and its tests.
 # Installed when this runs as root with apt-get; its system service is not started (the package
