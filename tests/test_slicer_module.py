@@ -383,3 +383,44 @@ def test_requests_run_on_a_worker_thread_and_can_be_cancelled(module):
         server.infer_delay.set()
         assert task.wait(10)
         assert not logic.hasUnsavedEdits()  # the late answer was not applied
+
+
+def test_a_slice_result_changes_only_that_slice_without_reimporting_the_segment(module, monkeypatch):
+    """Slice results (segment slice, watershed) go into the segment through the Segmentations logic for that
+    slice's extent only: the rest of the segment, and another segment sharing its labelmap layer, stay."""
+    images = _images()
+    with FakeServer(images) as server:
+        logic = module.module.LungNLBLogic()
+        logic.connectSession(server.url, "ann")
+        logic.run(logic.nextSampleJob())
+        segmentation = logic.segmentationNode().GetSegmentation()
+        vessel = segmentation.AddEmptySegment("vessel", "vessel", [0.2, 0.2, 0.9])
+        vessel_mask = np.zeros(logic.shape(), np.uint8)
+        vessel_mask[:, 30:34, 2:6] = 1
+        slicer.util.updateSegmentBinaryLabelmapFromArray(vessel_mask, logic.segmentationNode(), vessel, logic.volumeNode())
+        segmentation.CollapseBinaryLabelmaps(False)  # as the Segment Editor keeps them: one shared layer
+        assert segmentation.GetNumberOfLayers() == 1
+        before = logic.mask()
+
+        def whole_segment(*args, **kwargs):
+            raise AssertionError("the whole segment was exported or imported for one slice")
+
+        monkeypatch.setattr(slicer.util, "updateSegmentBinaryLabelmapFromArray", whole_segment)
+        monkeypatch.setattr(slicer.util, "arrayFromSegmentBinaryLabelmap", whole_segment)
+        new_slice = np.zeros(logic.shape()[1:], bool)
+        new_slice[14:20, 12:16] = True  # overlaps the original label's 12:18 x 10:14 on slice 3 in part
+        logic.setSliceMask(3, new_slice)
+        logic.setSliceMask(0, new_slice)
+        with pytest.raises(ValueError, match="slice mask"):
+            logic.setSliceMask(2, new_slice[:, :5])
+        monkeypatch.undo()
+
+        expected = before.copy()
+        expected[3] = new_slice
+        expected[0] = new_slice
+        assert np.array_equal(logic.mask(), expected)
+        assert logic.reviewedSlices == {0, 3}
+        vessel_after = slicer.util.arrayFromSegmentBinaryLabelmap(logic.segmentationNode(), vessel, logic.volumeNode())
+        assert np.array_equal(vessel_after > 0, vessel_mask > 0)
+        logic.setSliceMask(3, np.zeros_like(new_slice))  # an empty result clears the slice
+        assert not logic.mask()[3].any() and logic.mask()[0].sum() == new_slice.sum()

@@ -20,6 +20,7 @@ import numpy as np
 import qt
 import slicer
 import vtk
+import vtk.util.numpy_support
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -637,9 +638,33 @@ class LungNLBLogic(ScriptedLoadableModuleLogic):
         )
 
     def setSliceMask(self, z, sliceMask):
-        mask = self.mask()
-        mask[z] = sliceMask
-        self.setMask(mask)
+        """Replace slice ``z`` of the tumour segment, leaving the other slices as they are.
+
+        Only that slice goes through the Segmentations logic: a one-slice labelmap in the image's geometry,
+        merged into the segment with ``SetBinaryLabelmapToSegment`` within the slice's extent, first by minimum
+        (clears what the new mask leaves out), then by maximum (adds the new mask), as the Segment Editor's
+        effects modify a segment. The whole segment is neither exported nor imported again (which takes long on
+        a big volume); replace mode would not do, it replaces the whole segment by the slice.
+        """
+        volumeNode = self.volumeNode()
+        depth, height, width = self.shape()
+        sliceMask = np.asarray(sliceMask)
+        if sliceMask.shape != (height, width):
+            raise ValueError("the slice mask is {}, the image's slices are {}".format(sliceMask.shape, (height, width)))
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        labelmap = slicer.vtkOrientedImageData()
+        labelmap.SetImageToWorldMatrix(ijkToRas)
+        labelmap.SetExtent(0, width - 1, 0, height - 1, int(z), int(z))
+        labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        voxels = vtk.util.numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
+        voxels[:] = (sliceMask > 0).astype(np.uint8).ravel()  # x fastest, as the slice's rows
+        labelmap.Modified()
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        segmentationNode, segmentId = self.segmentationNode(), self.segmentId()
+        for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MAX):
+            if not logic.SetBinaryLabelmapToSegment(labelmap, segmentationNode, segmentId, mode, labelmap.GetExtent()):
+                raise ValueError("Slicer could not set slice {} of the tumour segment".format(z))
         self.reviewedSlices.add(int(z))
 
     def hasUnsavedEdits(self):
