@@ -21,19 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lungnlb.data.studies import image_path, read_records, read_study_image
+from lungnlb.inference import Predictor
+
 ROOT = Path(__file__).resolve().parents[1]
-
-from lungnlb.inference import Predictor  # noqa: E402
-from lungnlb.io import read_image  # noqa: E402
-from lungnlb.data.studies import read_records  # noqa: E402
-
 SAMPLE = ROOT / "sample_data" / "studies"
 
 
 def sample_volume() -> tuple[np.ndarray, str]:
     """The first CT volume of the bundled sample studies."""
     for record in read_records(SAMPLE):
-        image = read_image(SAMPLE / f"{record['image_id']}.nii.gz")
+        image = read_study_image(image_path(SAMPLE, record["image_id"]))
         if image.array.ndim == 3:
             return image.array, record["intensity"]
     raise FileNotFoundError(f"no CT volume in {SAMPLE}")

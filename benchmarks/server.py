@@ -48,8 +48,9 @@ import requests  # noqa: E402
 from benchmarks.app_server import start_server, stop_server  # noqa: E402
 from benchmarks.app_studies import build_studies, tiny_checkpoint  # noqa: E402
 from lungnlb.checkpoint import default_checkpoint_path  # noqa: E402
+from lungnlb.data.studies import image_path, read_study_image, write_sidecar  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402
-from lungnlb.io import read_image, write_nifti  # noqa: E402
+from lungnlb.io import write_nifti  # noqa: E402
 
 
 def alternated_medians(first, second, repeats: int, settle_s: float) -> tuple[float, float]:
@@ -68,7 +69,7 @@ def direct_worker(connection, checkpoint: str, paths: dict[str, str]) -> None:
     """The direct process: load the model and the images, then answer each image key sent with
     the seconds one `Predictor.predict` call on it took (None ends the process)."""
     predictor = Predictor.from_checkpoint(checkpoint, batch_size=16)
-    images = {key: read_image(path) for key, path in paths.items()}
+    images = {key: read_study_image(path) for key, path in paths.items()}  # as the server reads them
     connection.send(f"{predictor.config['model']['name']} input {predictor.config['input_size']}")
     while (key := connection.recv()) is not None:
         start = time.perf_counter()
@@ -97,10 +98,10 @@ class DirectProcess:
 
 def make_volume(studies: Path, depth: int = 64) -> str:
     """A 64-slice volume: the CT series repeated along z (the shared series are shorter)."""
-    image = read_image(studies / "volume_0.nii.gz", intensity="hu")
+    image = read_study_image(image_path(studies, "volume_0"), intensity="hu")
     reps = int(np.ceil(depth / image.array.shape[0]))
-    write_nifti(np.concatenate([image.array] * reps)[:depth], image.affine, studies / "volume_64.nii.gz")
-    (studies / "meta" / "volume_64.json").write_text('{"intensity": "hu", "source": "benchmark", "case": "b"}')
+    write_nifti(np.concatenate([image.array] * reps)[:depth], image.affine, image_path(studies, "volume_64"))
+    write_sidecar(studies, "volume_64", {"intensity": "hu", "source": "benchmark", "case": "b"})
     return "volume_64"
 
 
@@ -201,7 +202,7 @@ def main() -> int:
         for round_index in range(args.rounds):
             # no start-up scoring run: it would infer every image in a subprocess while we measure
             process, url = start_server(studies, conf, root / "server.log", {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"})
-            direct = DirectProcess(checkpoint, {image_id: studies / f"{image_id}.nii.gz" for image_id, _ in cases.values()})
+            direct = DirectProcess(checkpoint, {image_id: image_path(studies, image_id) for image_id, _ in cases.values()})
             try:
                 print(f"round {round_index + 1}/{args.rounds}: model {direct.description}; server {url}")
                 for label, (image_id, repeats) in cases.items():

@@ -16,31 +16,36 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from lungnlb.io import read_image  # noqa: E402
-from lungnlb.io.volume import nifti_bytes  # noqa: E402
-from lungnlb.io.image import axial_affine  # noqa: E402
-from lungnlb.io.intensity import to_model_input  # noqa: E402
-from lungnlb.data.studies import IMAGE_SUFFIX, read_records, slice_plan  # noqa: E402
+from lungnlb.data.studies import (
+    image_path,
+    label_path,
+    read_records,
+    read_study_image,
+    slice_plan,
+    write_sidecar,
+)
+from lungnlb.io import read_image
+from lungnlb.io.image import axial_affine
+from lungnlb.io.intensity import to_model_input
+from lungnlb.io.volume import nifti_bytes
 
 KEPT_KEYS = ("case", "source", "attribution", "label_method", "class_name")
 
 
 def write_uint8(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """A uint8 NIfTI, gzip level 9 (a sixth smaller than the level `write_nifti` uses)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(nifti_bytes(array, affine, np.uint8), compresslevel=9))
 
 
 def compact_image(studies: Path, record: dict, out: Path) -> int:
     """Write the labelled slices of one prepared image into `out`; returns how many."""
-    image = read_image(studies / f"{record['image_id']}{IMAGE_SUFFIX}")
-    mask_path = studies / "labels" / "original" / f"{record['image_id']}{IMAGE_SUFFIX}"
+    image = read_study_image(image_path(studies, record["image_id"]))
+    mask_path = label_path(studies, record["image_id"])
     mask = read_image(mask_path).array > 0.5 if mask_path.is_file() else None
     model_input = to_model_input(image.array, record["intensity"])
     affine = axial_affine(image.spacing[-2:])
@@ -48,13 +53,13 @@ def compact_image(studies: Path, record: dict, out: Path) -> int:
     for z, has_mask, label in plan:
         image_id = record["image_id"] if model_input.ndim == 2 else f"{record['image_id']}_z{z:03d}"
         plane = model_input if model_input.ndim == 2 else model_input[z]
-        write_uint8(np.round(plane * 255), affine, out / f"{image_id}{IMAGE_SUFFIX}")
+        write_uint8(np.round(plane * 255), affine, image_path(out, image_id))
         if has_mask:
-            write_uint8(mask if mask.ndim == 2 else mask[z], affine, out / "labels" / "original" / f"{image_id}{IMAGE_SUFFIX}")
+            write_uint8(mask if mask.ndim == 2 else mask[z], affine, label_path(out, image_id))
         sidecar = {key: record.get(key) for key in KEPT_KEYS}
         sidecar.update(intensity="windowed8bit", class_label=label, labelled_slices=[0] if has_mask else [],
                        compacted_from={"image_id": record["image_id"], "z": z, "intensity": record["intensity"]})
-        (out / "meta" / f"{image_id}.json").write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
+        write_sidecar(out, image_id, sidecar)
     return len(plan)
 
 
@@ -65,8 +70,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"{args.out} exists and is not empty")
-    for sub in ("meta", "labels/original"):
-        (args.out / sub).mkdir(parents=True, exist_ok=True)
     slices = sum(compact_image(args.studies, record, args.out) for record in read_records(args.studies))
     size = sum(path.stat().st_size for path in args.out.rglob("*") if path.is_file())
     print(f"{slices} labelled slices -> {args.out} ({size / 2**20:.1f} MiB)")

@@ -28,6 +28,7 @@ from lungnlb.runtime import enable_huge_pages  # noqa: E402
 enable_huge_pages()  # before torch is imported, as the lungnlb command does
 import torch  # noqa: E402
 
+from lungnlb.data.studies import is_studies_folder  # noqa: E402
 from lungnlb.evaluation.evaluate import evaluate  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402
 from lungnlb.io.atomic import atomic_write_text  # noqa: E402
@@ -59,9 +60,9 @@ NLB_ORDER = ["unet_sl_nlb", "unet_sb_nlb", "unet_localized_nlb", "unet_nlb", "un
 
 def prepared(data: Path, cache: Path) -> Path:
     """The prepared studies folder for `data` (prepared into `cache` once)."""
-    if (data / "meta").is_dir():
+    if is_studies_folder(data):
         return data
-    if not (cache / "meta").is_dir():
+    if not is_studies_folder(cache):
         from lungnlb.prepare import prepare
 
         prepare(data, cache)

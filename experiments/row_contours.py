@@ -16,21 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from lungnlb.evaluation.predict import predict_folder  # noqa: E402
-from lungnlb.evaluation.metrics import per_slice_segmentation  # noqa: E402
-from lungnlb.inference import Predictor  # noqa: E402
-from lungnlb.data.studies import IMAGE_SUFFIX, read_records  # noqa: E402
-from lungnlb.training.split import load_split  # noqa: E402
-from lungnlb.visualize import PREDICTION_COLOUR, REFERENCE_COLOUR, draw_slice, plt  # noqa: E402
+from lungnlb.data.studies import label_path, read_records
+from lungnlb.evaluation.metrics import per_slice_segmentation
+from lungnlb.evaluation.predict import predict_folder
+from lungnlb.inference import Predictor
+from lungnlb.training.split import load_split
+from lungnlb.visualize import PREDICTION_COLOUR, REFERENCE_COLOUR, draw_slice, plt
 
 
 def masked_image_ids(studies: Path, split: Path, subset: str) -> list[str]:
     """Images of the subset that have a reference mask."""
     records = read_records(studies)
     wanted = load_split(split, records)["images"][subset]
-    return [i for i in wanted if (studies / "labels" / "original" / f"{i}{IMAGE_SUFFIX}").is_file()]
+    return [i for i in wanted if label_path(studies, i).is_file()]
 
 
 def crop_box(mask: np.ndarray, half: int) -> tuple[slice, slice]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
@@ -34,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lungnlb.data.sources import ATTRIBUTION
+from lungnlb.data.studies import image_path, iter_sidecars, label_path, write_sidecar
 from lungnlb.io import (
     ImageData,
     ImageReadError,
@@ -48,7 +48,6 @@ from lungnlb.io import (
     read_voi_file,
     write_nifti,
 )
-from lungnlb.io.atomic import atomic_write
 from lungnlb.io.dicom import list_dicom_series, walk_files
 from lungnlb.io.lidc_crops import is_crop_file
 from lungnlb.io.lidc_vois import RATINGS_FILE, is_voi_file
@@ -443,10 +442,9 @@ def fingerprint(item: Item, fmt: str, consensus: int) -> str:
 def _existing(out: Path) -> dict[str, list[dict]]:
     """Sidecars already in ``out`` whose image (and labels, if any) exist, grouped by source fingerprint."""
     found: dict[str, list[dict]] = {}
-    for sidecar in sorted((out / "meta").glob("*.json")):
-        data = json.loads(sidecar.read_text())
+    for image_id, data in iter_sidecars(out):
         tags = (["original"] if data.get("label_method") is not None else []) + data.get("reader_tags", [])
-        files = [out / f"{sidecar.stem}.nii.gz"] + [out / "labels" / tag / f"{sidecar.stem}.nii.gz" for tag in tags]
+        files = [image_path(out, image_id)] + [label_path(out, image_id, tag) for tag in tags]
         if all(f.is_file() for f in files) and "fingerprint" in data:
             found.setdefault(data["fingerprint"], []).append(data)
     return found
@@ -465,12 +463,11 @@ def storage_dtype(array: np.ndarray) -> type:
 def write_prepared(prepared: Prepared, out: Path) -> None:
     """Write one image (in its smallest lossless type), its masks and its sidecar (each atomically)."""
     array = prepared.image.array
-    write_nifti(array, prepared.image.affine, out / f"{prepared.image_id}.nii.gz", storage_dtype(array))
+    write_nifti(array, prepared.image.affine, image_path(out, prepared.image_id), storage_dtype(array))
     labels = ({"original": prepared.mask} if prepared.mask is not None else {}) | prepared.labels
     for tag, mask in labels.items():
-        write_nifti(mask.astype(np.uint8), prepared.image.affine, out / "labels" / tag / f"{prepared.image_id}.nii.gz", np.uint8)
-    text = json.dumps(prepared.sidecar, indent=1, sort_keys=True).encode()
-    atomic_write(out / "meta" / f"{prepared.image_id}.json", lambda stream: stream.write(text))
+        write_nifti(mask.astype(np.uint8), prepared.image.affine, label_path(out, prepared.image_id, tag), np.uint8)
+    write_sidecar(out, prepared.image_id, prepared.sidecar)
 
 
 def check_paths(src: Path, out: Path) -> None:

@@ -12,7 +12,6 @@ They are linked (or, for the npz subset, written) into a temporary folder that m
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 # lungnlb is installed (editable, by scripts/setup.sh): no path to add
+from lungnlb.data.studies import iter_sidecars, write_sidecar
 from lungnlb.io import read_dicom_series, read_voc_folder
 from lungnlb.io.dicom import list_dicom_series
 from lungnlb.prepare import prepare
@@ -87,10 +87,9 @@ def main() -> int:
         _npz_subset(args.data, src)
         _jpeg_subset(args.data, src)
         summary = prepare(src, args.out)
-    for sidecar in (args.out / "meta").glob("*.json"):  # drop the temporary-path fingerprint
-        data = json.loads(sidecar.read_text())
-        data.pop("fingerprint", None)
-        sidecar.write_text(json.dumps(data, indent=1, sort_keys=True))
+    for image_id, sidecar in iter_sidecars(args.out):  # drop the temporary-path fingerprint
+        sidecar.pop("fingerprint", None)
+        write_sidecar(args.out, image_id, sidecar)
     print("\n".join(summary.lines()))
     return 0
 

@@ -9,7 +9,6 @@ sample's patients were all in the shipped weights' training data.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,39 +26,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def default_sample_image(studies: Path = SAMPLE_STUDIES) -> Path:
     """The first image of the bundled studies folder whose sidecar says a neoplasm is present."""
-    for sidecar in sorted((studies / "meta").glob("*.json")):
-        if json.loads(sidecar.read_text()).get("class_label") == 1:
-            return studies / f"{sidecar.stem}.nii.gz"
+    from lungnlb.data.studies import image_path, iter_sidecars
+
+    for image_id, sidecar in iter_sidecars(studies):
+        if sidecar.get("class_label") == 1:
+            return image_path(studies, image_id)
     raise FileNotFoundError(f"no image with a tumour in the bundled sample {studies}")
 
 
 def original_label(image_path: Path) -> np.ndarray | None:
     """The `labels/original` mask beside an image of a prepared studies folder, if there is one."""
+    from lungnlb.data.studies import image_id_of, label_path
     from lungnlb.io import read_image
 
-    candidate = image_path.parent / "labels" / "original" / image_path.name
+    candidate = label_path(image_path.parent, image_id_of(image_path))
     return read_image(candidate).array > 0 if candidate.exists() else None
 
 
 def patient_status(image_path: Path, config: dict) -> str:
     """Whether the checkpoint saw the image's patient (from the sidecar's case), in words."""
+    from lungnlb.data.studies import image_id_of, read_sidecar
     from lungnlb.evaluation.evaluate import seen_cases
 
-    sidecar = image_path.parent / "meta" / (image_path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
-    if not sidecar.is_file():
+    sidecar = read_sidecar(image_path.parent, image_id_of(image_path))
+    if sidecar is None:
         return "patient unknown to the checkpoint's records"
-    case = json.loads(sidecar.read_text()).get("case")
+    case = sidecar.get("case")
     return "a patient seen in training" if case in seen_cases(config) else "a patient never trained on"
 
 
 def run(args: argparse.Namespace) -> int:
     from lungnlb.checkpoint import default_checkpoint_path, load_model
+    from lungnlb.data.studies import read_study_image
     from lungnlb.inference import Predictor
-    from lungnlb.io import read_image
     from lungnlb.visualize import save_overlay
 
     image_path = args.image or default_sample_image()
-    image = read_image(image_path)
+    image = read_study_image(image_path)
     checkpoint = args.checkpoint or default_checkpoint_path()
     if checkpoint is None:
         raise FileNotFoundError("no trained weights are shipped with this install; pass --checkpoint")

@@ -17,12 +17,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lungnlb.data.studies import read_study_image
     from lungnlb.evaluation.figures import attention_overlay
     from lungnlb.inference import Predictor
-    from lungnlb.io import read_image
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
-    image = read_image(args.image)
+    image = read_study_image(args.image)
     volume = predictor.model_input(image.array, image.intensity)
     volume = volume[None] if volume.ndim == 2 else volume
     z = args.slice

@@ -7,13 +7,20 @@
                                               are labelled and their class, provenance
 
 `slice_plan` turns one sidecar into the labelled slices of its image: (z, has_mask, class_label).
+Every reader and writer of `meta/` goes through this module (the io layer below knows file formats,
+not this layout), so a datastore that is not a folder needs only this module's functions again.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lungnlb.io.atomic import atomic_write_text
+from lungnlb.io.image import INTENSITY_KINDS, ImageData
+from lungnlb.io.reader import read_image
 
 IMAGE_SUFFIX = ".nii.gz"
 SIDECAR_DIR = "meta"
@@ -36,19 +43,62 @@ def sidecar_path(studies: str | Path, image_id: str) -> Path:
     return Path(studies) / SIDECAR_DIR / f"{image_id}.json"
 
 
+def is_studies_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a prepared studies folder (it has the sidecar folder)."""
+    return (Path(path) / SIDECAR_DIR).is_dir()
+
+
+def image_id_of(path: str | Path) -> str:
+    """The image id of an image file of a studies folder (its name without ``.nii.gz``, ``.nii``, ``.nrrd``)."""
+    return Path(path).name.removesuffix(".gz").removesuffix(".nii").removesuffix(".nrrd")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    record = json.loads(path.read_text(encoding="utf-8"))  # a bad file raises ValueError (JSON or UTF-8)
+    if not isinstance(record, dict):
+        raise ValueError(f"sidecar {path} is not a JSON object")
+    return record
+
+
+def read_sidecar(studies: str | Path, image_id: str) -> dict[str, Any] | None:
+    """The sidecar of ``image_id`` (None when it has none); ValueError when it is not a JSON object."""
+    path = sidecar_path(studies, image_id)
+    return _load(path) if path.is_file() else None
+
+
+def write_sidecar(studies: str | Path, image_id: str, sidecar: dict[str, Any]) -> Path:
+    """Write the sidecar of ``image_id`` atomically (keys sorted, so rewrites diff cleanly)."""
+    return atomic_write_text(sidecar_path(studies, image_id), json.dumps(sidecar, indent=1, sort_keys=True))
+
+
+def iter_sidecars(studies: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(image_id, sidecar) for every sidecar of a studies folder, by id; none when there is no meta/."""
+    for path in sorted((Path(studies) / SIDECAR_DIR).glob("*.json")):
+        yield path.name[: -len(".json")], _load(path)
+
+
+def read_study_image(path: str | Path, intensity: str | None = None) -> ImageData:
+    """`read_image`, with the intensity kind the sidecar records when ``path`` is an image of a
+    studies folder (``<studies>/<id>.nii.gz`` beside ``<studies>/meta/<id>.json``) and ``intensity``
+    is not given: a NIfTI file does not say whether it holds HU, 8-bit or normalised values."""
+    path = Path(path)
+    if intensity is None and path.is_file():
+        sidecar = read_sidecar(path.parent, image_id_of(path)) or {}
+        intensity = sidecar.get("intensity") if sidecar.get("intensity") in INTENSITY_KINDS else None
+    return read_image(path, intensity)
+
+
 def read_records(studies: str | Path) -> list[dict[str, Any]]:
     """Read every sidecar of a prepared studies folder; each record gets `image_id`."""
     studies = Path(studies)
-    meta_dir = studies / SIDECAR_DIR
-    if not meta_dir.is_dir():
+    if not is_studies_folder(studies):
         raise FileNotFoundError(f"{studies} is not a prepared studies folder: no meta/ folder of sidecars")
     records = []
-    for meta_path in sorted(meta_dir.glob("*.json")):
-        record = json.loads(meta_path.read_text(encoding="utf-8"))
-        record["image_id"] = meta_path.name[: -len(".json")]
+    for image_id, record in iter_sidecars(studies):
+        record["image_id"] = image_id
         for key in REQUIRED_FIELDS:
             if key not in record:
-                raise ValueError(f"sidecar {meta_path} has no '{key}'")
+                raise ValueError(f"sidecar {sidecar_path(studies, image_id)} has no '{key}'")
         records.append(record)
     if not records:
         raise ValueError(f"prepared studies folder {studies} has no sidecars in meta/")

@@ -4,20 +4,20 @@
 * ``*.nii`` / ``*.nii.gz`` -> NIfTI; ``*.nrrd`` / ``*.nhdr`` -> NRRD; ``*.png`` / ``*.jpg`` /
   ``*.jpeg`` -> 8-bit raster.
 
-For NIfTI/NRRD the intensity kind is, in this order: the ``intensity`` argument; the sidecar
-``meta/<image_id>.json`` of a prepared studies folder; else ``"hu"`` when the image has values
-below -200, ``"windowed8bit"`` when all values are integers in 0..255, ``"normalized"`` otherwise.
+For NIfTI/NRRD the intensity kind is the ``intensity`` argument, else ``"hu"`` when the image has
+values below -200, ``"windowed8bit"`` when all values are integers in 0..255, ``"normalized"``
+otherwise. An image of a prepared studies folder is read with its sidecar's kind by
+`lungnlb.data.studies.read_study_image` (the folder layout is the data layer's, above this one).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from lungnlb.io.dicom import read_dicom_file, read_dicom_series
-from lungnlb.io.image import INTENSITY_KINDS, ImageData, ImageReadError
+from lungnlb.io.image import ImageData, ImageReadError
 from lungnlb.io.raster import RASTER_SUFFIXES, read_raster
 from lungnlb.io.volume import read_nifti, read_nrrd
 
@@ -26,15 +26,6 @@ def _has_dicom_preamble(path: Path) -> bool:
     with path.open("rb") as handle:
         handle.seek(128)
         return handle.read(4) == b"DICM"
-
-
-def _sidecar_intensity(path: Path) -> str | None:
-    image_id = path.name.removesuffix(".gz").removesuffix(".nii").removesuffix(".nrrd")
-    sidecar = path.parent / "meta" / f"{image_id}.json"
-    if sidecar.is_file():
-        value = json.loads(sidecar.read_text()).get("intensity")
-        return value if value in INTENSITY_KINDS else None
-    return None
 
 
 def guess_intensity(array: np.ndarray) -> str:
@@ -58,7 +49,7 @@ def read_image(path: str | Path, intensity: str | None = None) -> ImageData:
     elif path.name.lower().endswith((".nii", ".nii.gz")) or path.suffix.lower() in (".nrrd", ".nhdr"):
         reader = read_nrrd if path.suffix.lower() in (".nrrd", ".nhdr") else read_nifti
         image = reader(path, "hu")
-        image.intensity = intensity or _sidecar_intensity(path) or guess_intensity(image.array)
+        image.intensity = intensity or guess_intensity(image.array)
         return image
     elif path.suffix.lower() in RASTER_SUFFIXES:
         image = read_raster(path)

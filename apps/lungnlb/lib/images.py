@@ -9,7 +9,6 @@ another grid.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -21,7 +20,7 @@ import numpy as np
 from lib.conf import AppConfig
 from lib.errors import bad_request, not_found, too_large, unprocessable
 from lib.uploads import server_temp_dir
-from lungnlb.data.studies import sidecar_path
+from lungnlb.data.studies import read_sidecar as read_study_sidecar
 from lungnlb.io import ImageData, read_image, write_nifti
 
 MIN_SIDE = 16  # smallest slice side the U-Net can sensibly take
@@ -95,16 +94,10 @@ def read_sidecar(config: AppConfig, image_id: str | None) -> dict:
     """The study's sidecar `meta/<id>.json` ({} when there is none); 422 when it is not a JSON object."""
     if image_id is None:
         return {}
-    sidecar = sidecar_path(config.studies, image_id)
-    if not sidecar.is_file():
-        return {}
     try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise unprocessable(f"sidecar {sidecar.name} of image {image_id!r} is not valid JSON: {error}") from error
-    if not isinstance(meta, dict):
-        raise unprocessable(f"sidecar {sidecar.name} of image {image_id!r} is not a JSON object")
-    return meta
+        return read_study_sidecar(config.studies, image_id) or {}
+    except ValueError as error:  # not UTF-8, not JSON, or not an object
+        raise unprocessable(f"sidecar of image {image_id!r} is unusable: {error}") from error
 
 
 def study_intensity(config: AppConfig, image_id: str | None) -> str | None:

@@ -53,7 +53,7 @@ from lib.images import (
     write_image,
     write_mask,
 )
-from lungnlb.data.studies import sidecar_path
+from lungnlb.data.studies import write_sidecar
 from lungnlb.io.atomic import atomic_write, atomic_write_text
 from lungnlb.io.image import INTENSITY_KINDS
 from lungnlb.overlap import dice
@@ -213,7 +213,7 @@ class ProvenanceDatastore(monailabel_private.AtomicDatastoreFile, LocalDatastore
             sidecar = {"intensity": image.intensity, "source": image_info.get("source", "upload")}
             with tempfile.TemporaryDirectory() as tmp:
                 stored = source if _suffix(source.name) in NIFTI_SUFFIXES else write_image(Path(tmp) / "image.nii.gz", image)
-                atomic_write_text(sidecar_path(self.config.studies, image_id), json.dumps(sidecar, indent=2))
+                write_sidecar(self.config.studies, image_id, sidecar)
                 return super().add_image(image_id, str(stored), image_info)
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
