@@ -75,7 +75,7 @@ def main() -> None:
     endpoint.run_inference = timed("run_inference", endpoint.run_inference)
     endpoint.send_response = timed("send_response", endpoint.send_response)
     try:
-        with TestClient(app) as client:
+        with TestClient(app, base_url="http://127.0.0.1") as client:  # the server answers to loopback names only
             instance = app_instance()
             from lib.monailabel_private import infer_tasks
 

@@ -13,7 +13,9 @@
 #   PROXY_LISTEN         address:port the proxy listens on (the exposed one)        [0.0.0.0:8443]
 #   PROXY_UPSTREAM_PORT  loopback port of the MONAI Label server behind it          [8000]
 #   PROXY_HOSTNAMES      extra names / IP addresses (comma-separated) clients use to reach this machine,
-#                        put into the generated certificate besides localhost, 127.0.0.1 and `hostname`
+#                        put into the generated certificate besides localhost, 127.0.0.1 and `hostname`;
+#                        the server behind accepts these names in the Host header nginx passes on (and
+#                        `hostname` and PROXY_LISTEN's address): any other name gets 400
 #   PROXY_CERT, PROXY_KEY  your own certificate and key instead of the generated ones
 #   PROXY_MAX_BODY       largest upload nginx passes on                               [1g]
 # The first start generates a CA (PROXY_DIR/ca.pem: give it to the clients, e.g. Slicer or
@@ -123,6 +125,11 @@ trap 'kill "$nginx_pid" ${server_pid:-} 2>/dev/null || true' EXIT
 trap 'exit 143' TERM
 trap 'exit 130' INT
 echo "serve_proxy.sh: https://$listen/ (CA: $dir/ca.pem) -> MONAI Label server on http://127.0.0.1:$upstream/" >&2
-bash scripts/serve_sample.sh --host 127.0.0.1 --port "$upstream" "$@" &
+# the names clients reach the proxy by: nginx passes the client's Host on, and the server refuses
+# other names (a DNS-rebinding page carries its own)
+hosts="$(hostname)"
+[ -z "${PROXY_HOSTNAMES:-}" ] || hosts="$hosts,${PROXY_HOSTNAMES// /}"
+case "${listen%:*}" in 0.0.0.0|\[::\]|"") ;; *) hosts="$hosts,${listen%:*}" ;; esac
+bash scripts/serve_sample.sh --host 127.0.0.1 --port "$upstream" --conf allowed_hosts "$hosts" "$@" &
 server_pid=$!
 wait "$server_pid"

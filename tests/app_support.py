@@ -60,7 +60,7 @@ def in_process_client(studies: Path, conf: dict[str, str], **settings_values) ->
     from monailabel.app import app
 
     try:
-        with TestClient(app) as test_client:
+        with TestClient(app, base_url="http://127.0.0.1") as test_client:  # the server answers to loopback names only
             yield test_client
     finally:
         clear_cache()

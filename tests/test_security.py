@@ -103,3 +103,43 @@ def test_configured_origin_is_allowed_and_others_still_refused(tmp_path):
     with in_process_client(tmp_path / "studies", conf) as client:  # not configured: that origin is foreign too
         response = client.get("/info/", headers={"Origin": allowed})
         assert response.status_code == 403 and "access-control-allow-origin" not in response.headers
+
+
+# ---- Host header (DNS rebinding) ---------------------------------------------------------------
+def test_a_foreign_host_name_is_refused(sample_server):
+    """A page whose DNS name was rebound to 127.0.0.1 reaches the loopback server with its own name
+    in the Host header (and, being same-origin to itself, passes the origin check): 400."""
+    url, port, studies = sample_server["url"], sample_server["port"], sample_server["root"] / "studies"
+    before = sorted(p.name for p in studies.rglob("*"))
+    for name in ("evil.example", "localhost.evil.example", "127.0.0.1.nip.io", "0.0.0.0"):
+        host = f"{name}:{port}"
+        response = requests.get(f"{url}/info/", headers={"Host": host, "Origin": f"http://{host}"}, timeout=30)
+        assert response.status_code == 400, (host, response.status_code, response.text[:200])
+        assert "is not a name of this server" in response.json()["detail"] and "allowed_hosts" in response.json()["detail"]
+    image = next(studies.glob("*.nii.gz"))
+    with image.open("rb") as stream:
+        planted = requests.put(f"{url}/datastore/image?image=planted", files={"file": ("x.nii.gz", stream)},
+                               headers={"Host": f"evil.example:{port}"}, timeout=30)
+    assert planted.status_code == 400
+    assert requests.delete(f"{url}/datastore/image?id={image.name[:-7]}", headers={"Host": "evil.example"},
+                           timeout=30).status_code == 400
+    assert sorted(p.name for p in studies.rglob("*")) == before
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST"):
+        assert requests.get(f"{url}/info/", headers={"Host": host}, timeout=30).status_code == 200, host
+
+
+def test_configured_host_names_are_accepted(tmp_path):
+    build_studies(tmp_path / "studies", slices_per_file=1, files=1)
+    conf = {"checkpoint": "none", "model_dir": str(tmp_path / "model"), "allowed_hosts": "ct-lab.example,192.0.2.10"}
+    with in_process_client(tmp_path / "studies", conf) as client:
+        for host in ("ct-lab.example:8443", "CT-LAB.example", "192.0.2.10:8443", "127.0.0.1"):
+            assert client.get("/info/", headers={"Host": host}).status_code == 200, host
+        refused = client.get("/info/", headers={"Host": "other.example:8443"})
+        assert refused.status_code == 400 and "ct-lab.example" in refused.json()["detail"]
+
+
+def test_a_malformed_allowed_hosts_setting_is_refused(tmp_path):
+    from lib.conf import parse_conf
+
+    with pytest.raises(ValueError, match="allowed_hosts"):
+        parse_conf(tmp_path, tmp_path, {"allowed_hosts": "ct-lab.example,bad name/x"})

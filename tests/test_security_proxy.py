@@ -19,6 +19,7 @@ import requests
 from benchmarks.app_server import REPO, free_port, server_env
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+PROXY_NAME = "ct-lab.example"  # a name clients reach the proxy by (PROXY_HOSTNAMES)
 USERS = {"ada": ("admin", "admin-password-1"), "ann": ("annotator", "annotator-password-1")}
 
 
@@ -29,7 +30,7 @@ def proxy(tmp_path_factory):
     port, upstream = free_port(), free_port()
     env = server_env({"PROXY_DIR": str(root / "proxy"), "PROXY_LISTEN": f"127.0.0.1:{port}",
                       "PROXY_UPSTREAM_PORT": str(upstream), "LUNGNLB_SKIP_SETUP": "1",
-                      "LUNGNLB_STUDIES": str(root / "studies")})
+                      "LUNGNLB_STUDIES": str(root / "studies"), "PROXY_HOSTNAMES": PROXY_NAME})
     refused = subprocess.run(["bash", "scripts/serve_proxy.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "no users yet" in refused.stderr  # never an open proxy
     for name, (role, password) in USERS.items():
@@ -123,3 +124,14 @@ def test_the_server_behind_the_proxy_listens_on_loopback_only(proxy):
             if connection.status == psutil.CONN_LISTEN and connection.laddr.port == proxy["upstream"]:
                 listening.add(connection.laddr.ip)
     assert listening == {"127.0.0.1"}
+
+
+def test_the_proxy_passes_a_host_the_server_accepts(proxy):
+    """nginx passes the client's Host on; the server behind accepts the proxy's names (PROXY_HOSTNAMES,
+    localhost) and refuses any other (a DNS-rebinding page's own name)."""
+    port = proxy["url"].rsplit(":", 1)[1]
+    for host in (f"{PROXY_NAME}:{port}", f"localhost:{port}"):
+        response = _as(proxy, "ann", "GET", "/info/", headers={"Host": host})
+        assert response.status_code == 200, (host, response.text[:300])
+    foreign = _as(proxy, "ann", "GET", "/info/", headers={"Host": f"evil.example:{port}"})
+    assert foreign.status_code == 400 and "is not a name of this server" in foreign.json()["detail"]

@@ -22,11 +22,16 @@ Keys (all optional):
                                                                               [1024]
     max_image_size   largest image accepted, "<columns>x<rows>x<slices>", checked from the file's header
                      before its voxels are read (a small gzip can expand to gigabytes)   [512x512x2000]
+    allowed_hosts    comma-separated host names (or addresses) requests may carry in their Host header
+                     besides localhost, 127.0.0.1 and [::1], e.g. the names a proxy in front is reached
+                     by; "*" allows any. Others get 400 (a DNS-rebinding page carries its own name)
+                                                                              [none]
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +63,7 @@ class AppConfig:
     allowed_paths: tuple[Path, ...] = field(default_factory=tuple)
     max_upload_mb: float = 1024.0
     max_image_size: tuple[int, int, int] = (512, 512, 2000)
+    allowed_hosts: tuple[str, ...] = ()
 
     @property
     def published_checkpoint(self) -> Path:
@@ -116,6 +122,15 @@ def _image_size(value: str) -> tuple[int, int, int]:
     return size  # type: ignore[return-value]
 
 
+def _host_names(value: str) -> tuple[str, ...]:
+    """`--conf allowed_hosts` "ct-lab.example,192.0.2.10" -> its names; each must look like a host name."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    bad = [name for name in names if not re.fullmatch(r"\*|[A-Za-z0-9._-]{1,253}|\[?[0-9A-Fa-f:.]{2,45}\]?", name)]
+    if bad:
+        raise ValueError(f"--conf allowed_hosts: not host names: {bad}; expected e.g. ct-lab.example,192.0.2.10")
+    return names
+
+
 def _check_segmentation_checkpoint(path: Path) -> None:
     """`--conf checkpoint` must be a weights file whose config names a segmentation model."""
     if not path.is_file():
@@ -156,4 +171,5 @@ def parse_conf(app_dir: str | os.PathLike, studies: str | os.PathLike, conf: dic
         allowed_paths=tuple(Path(p).resolve() for p in allowed.split(os.pathsep) if p),
         max_upload_mb=float(_positive("max_upload_mb", conf.get("max_upload_mb", "1024"), float)),
         max_image_size=_image_size(conf.get("max_image_size", "512x512x2000")),
+        allowed_hosts=_host_names(conf.get("allowed_hosts", "")),
     )

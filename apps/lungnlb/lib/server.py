@@ -20,7 +20,10 @@ starts a training run without looking at its parameters. The app, once built ins
   dataset-download routes: they check what MONAI Label would only find out after writing the
   upload to a temporary file (the `params` JSON, the output kind, the training parameters, a
   training run already running), then call MONAI Label's own endpoint functions; the dataset ZIP
-  is removed once it has been sent.
+  is removed once it has been sent;
+* **keeps the event loop free**: those routes, and next-sample and session creation, hand their
+  work (which MONAI Label runs inside the event loop) to one request thread (`lib.request_thread`)
+  and await it, so `/info` and `/datastore` answer while a volume's inference runs.
 
 FastAPI allows middleware to be added only before the first request, and the app is built during
 the server's start-up (after that point): `install_server_hooks` replaces the middleware list
@@ -35,7 +38,8 @@ import json
 import logging
 import os
 import re
-from typing import Any, Optional
+import sys
+from typing import Any, List, Optional
 
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.middleware import Middleware
@@ -51,10 +55,12 @@ from monailabel.interfaces.exception import (
     MONAILabelException,
 )
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from lib import uploads
 from lib.errors import bad_request, not_found
 from lib.monailabel_private import infer_tasks, installed_middleware, replace_middleware, train_tasks
+from lib.request_thread import RequestThread
 from lib.trainers.guard import TrainerLock
 
 logger = logging.getLogger(__name__)
@@ -105,6 +111,33 @@ def check_exposure(host: str | None, auth_enabled: bool) -> None:
     raise ExposedWithoutAuthentication(message)
 
 
+def host_name(header: str) -> str:
+    """The name in a Host header, lower case, without its port: "CT-Lab:8443" -> "ct-lab",
+    "[::1]:8000" -> "::1"; "" when there is none."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.index("]")] if "]" in header else ""
+    return header.partition(":")[0]
+
+
+def allowed_host_names(configured: tuple[str, ...], listen: str | None) -> frozenset[str]:
+    """Host names a request may carry besides the loopback ones: `--conf allowed_hosts` and the
+    address the server was told to listen on (unless it is a wildcard address)."""
+    names = {name.strip().strip("[]").lower() for name in configured}  # names or addresses, no ports
+    if listen and listen.strip("[]") not in ("0.0.0.0", "::", ""):
+        names.add(listen.strip().strip("[]").lower())
+    return frozenset(name for name in names if name)
+
+
+def host_allowed(header: str, allowed: frozenset[str]) -> bool:
+    """Whether a request's Host header names this server: localhost or a loopback address, or one
+    of `allowed` ("*" allows any)."""
+    name = host_name(header)
+    if not name:
+        return False
+    return "*" in allowed or name in allowed or is_loopback(name)
+
+
 def cors_origins() -> list[str]:
     """The web origins allowed besides the server's own: `MONAI_LABEL_CORS_ORIGINS`, none by default."""
     return [str(origin).rstrip("/") for origin in settings.MONAI_LABEL_CORS_ORIGINS]
@@ -118,17 +151,26 @@ async def _reply(send, status: int, detail: str) -> None:
 
 
 class RequestGuard:
-    """ASGI middleware: foreign web origins get 403, bodies over the limit 413 (see the module docstring)."""
+    """ASGI middleware: a Host that is not this server's 400, foreign web origins 403, bodies over
+    the limit 413 (see the module docstring)."""
 
-    def __init__(self, app, max_body_bytes: int, allowed_origins: list[str]):
+    def __init__(self, app, max_body_bytes: int, allowed_origins: list[str], allowed_hosts: frozenset[str] = frozenset()):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.allowed_origins = set(allowed_origins)
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        host = headers.get("host", "")
+        if not host_allowed(host, self.allowed_hosts):
+            # a page whose DNS name was rebound to this machine reaches the server with its own name
+            return await _reply(send, 400, f"Host {host[:200]!r} is not a name of this server: it answers to "
+                                           f"localhost, 127.0.0.1 and [::1]{self._configured_hosts()}; list other "
+                                           "names with --conf allowed_hosts (scripts/serve_proxy.sh passes its "
+                                           "PROXY_HOSTNAMES)")
         origin = headers.get("origin")
         if origin is not None and not self._same_or_allowed(origin, headers.get("host", "")):
             return await _reply(send, 403, f"cross-origin request from {origin[:200]} refused: this server allows "
@@ -148,6 +190,9 @@ class RequestGuard:
             return message
 
         return await self.app(scope, counted, send)
+
+    def _configured_hosts(self) -> str:
+        return "".join(f", {name}" for name in sorted(self.allowed_hosts))
 
     def _same_or_allowed(self, origin: str, host: str) -> bool:
         if origin.rstrip("/") in self.allowed_origins:
@@ -190,14 +235,17 @@ def _params_object(text: str | None, what: str = "params") -> dict[str, Any]:
 
 
 def _routes(app) -> list[APIRoute]:
+    from monailabel.endpoints import activelearning as activelearning_endpoints
     from monailabel.endpoints import datastore as datastore_endpoints
     from monailabel.endpoints import infer as infer_endpoints
+    from monailabel.endpoints import session as session_endpoints
     from monailabel.endpoints import train as train_endpoints
     from monailabel.endpoints.infer import ResultType
 
     user_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)
     annotator_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)
     admin_role = RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)
+    work = RequestThread()  # the event loop awaits the work below instead of running it (lib.request_thread)
 
     async def infer(
         background_tasks: BackgroundTasks,
@@ -225,7 +273,8 @@ def _routes(app) -> list[APIRoute]:
             raise not_found(f"no session {session_id[:80]!r} (expired or never created)")
         token = uploads.request_has_upload.set(bool(file or label))
         try:
-            return infer_endpoints.run_inference(background_tasks, model, image, session_id, params, file, label, output)
+            return await work.run(infer_endpoints.run_inference, background_tasks, model, image, session_id, params,
+                                  file, label, output)
         finally:
             uploads.request_has_upload.reset(token)
 
@@ -237,7 +286,7 @@ def _routes(app) -> list[APIRoute]:
         user: User = Depends(annotator_role),
     ):
         _params_object(params)
-        return datastore_endpoints.add_image(background_tasks, image, params, file, user.username)
+        return await work.run(datastore_endpoints.add_image, background_tasks, image, params, file, user.username)
 
     async def save_label(
         background_tasks: BackgroundTasks,
@@ -248,7 +297,7 @@ def _routes(app) -> list[APIRoute]:
         user: User = Depends(annotator_role),
     ):
         _params_object(params)
-        return datastore_endpoints.save_label(background_tasks, image, params, tag, label, user.username)
+        return await work.run(datastore_endpoints.save_label, background_tasks, image, params, tag, label, user.username)
 
     async def train(
         model: str,
@@ -265,11 +314,25 @@ def _routes(app) -> list[APIRoute]:
             running = TrainerLock(app.app_config.state_dir).record() or {}
             raise HTTPException(409, f"a training run is already running (pid {running.get('pid')}, run "
                                      f"{running.get('run_id')}); one run at a time")
-        return train_endpoints.run_model(model, params, run_sync, enqueue)
+        # a thread of the pool: run_sync waits for the whole run, which must block neither the event loop
+        # nor the request thread
+        return await run_in_threadpool(train_endpoints.run_model, model, params, run_sync, enqueue)
+
+    async def next_sample(strategy: str, params: Optional[dict] = None, user: User = Depends(user_role)):
+        return await work.run(activelearning_endpoints.sample, strategy, params, user.username)
+
+    async def create_session(
+        background_tasks: BackgroundTasks,
+        uncompress: bool = False,
+        expiry: int = 0,
+        files: List[UploadFile] = File(...),
+        user: User = Depends(user_role),
+    ):
+        return await work.run(session_endpoints.create_session, background_tasks, uncompress, expiry, files)
 
     async def dataset(limit_cases: Optional[int] = None, user: User = Depends(admin_role)):
         try:
-            path = app.datastore().get_dataset_archive(limit_cases)
+            path = await work.run(app.datastore().get_dataset_archive, limit_cases)
         except AssertionError as error:  # MONAI Label's "nothing to include"
             raise not_found(f"no dataset to download: {error}") from error
         return FileResponse(path, media_type="application/zip", filename="dataset.zip",
@@ -282,6 +345,8 @@ def _routes(app) -> list[APIRoute]:
         APIRoute("/datastore/label", save_label, methods=["PUT"], summary="Save a label (checked by LungNLB)"),
         APIRoute("/train/{model}", train, methods=["POST"], summary="Start training (checked by LungNLB)"),
         APIRoute("/datastore/dataset", dataset, methods=["GET"], summary="Download the dataset as ZIP (admin)"),
+        APIRoute("/activelearning/{strategy}", next_sample, methods=["POST"], summary="Next sample to annotate"),
+        APIRoute("/session/", create_session, methods=["PUT"], summary="Create a session with an image"),
     ]
 
 
@@ -299,7 +364,8 @@ def install_server_hooks(app) -> None:
     middleware.insert(0, Middleware(CORSMiddleware, allow_origins=origins, allow_credentials=True,
                                     allow_methods=["*"], allow_headers=["*"]))
     middleware.insert(0, Middleware(RequestGuard, max_body_bytes=int(app.app_config.max_upload_mb * (1 << 20)),
-                                    allowed_origins=origins))
+                                    allowed_origins=origins,
+                                    allowed_hosts=allowed_host_names(app.app_config.allowed_hosts, listen_host(sys.argv))))
     fastapi_app.add_exception_handler(json.JSONDecodeError, _json_error)
     fastapi_app.add_exception_handler(ImageNotFoundException, _not_found)
     fastapi_app.add_exception_handler(LabelNotFoundException, _not_found)
