@@ -36,10 +36,9 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
-from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning.scores import SCORING_NAME, ModelScoring, ScoreCache
-from lib.activelearning.strategies import ScoreRankStrategy
+from lib.activelearning.strategies import FreeRandom, ScoreRankStrategy
 from lib.conf import CLS_MODEL, SEG_MODEL, WATERSHED_MODEL, parse_conf
 from lib.errors import bad_request, not_found
 from lib.image_cache import ImageCache
@@ -109,7 +108,7 @@ class LungNLBApp(MONAILabelApp):
             "uncertainty": ScoreRankStrategy(
                 "uncertainty", "Images with the highest predictive entropy inside the lungs", self.score_cache
             ),
-            "random": Random(),
+            "random": FreeRandom(),
         }
 
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
