@@ -284,7 +284,7 @@ def test_trainer_reads_labelled_slices_of_the_final_label(tmp_path):
 
     def volume_slices() -> dict[int, float]:
         found = datastore_slices(datastore, app.app_config, {"input_size": [64, 64]}, original_weight=0.3)
-        return {s.z: float(s.mask.max()) for s in found if s.image_id == volume_id and s.tag == "final"}
+        return {s.z: float(s.mask.max()) for s in found if s.image_id == volume_id and s.source == "final label"}
 
     datastore.save_label(volume_id, str(label), "final", {"user": "a"})
     assert volume_slices() == {5: 1.0}  # sidecar lists no slices: only the one with foreground
@@ -296,12 +296,14 @@ def test_trainer_reads_labelled_slices_of_the_final_label(tmp_path):
             datastore.save_label(volume_id, str(label), "final", {"labelled_slices": bad})
         assert error.value.status_code == 400 and "labelled_slices" in error.value.detail
     assert len(datastore.history(volume_id)) == 2
-    # a native-resolution model trains on one patch per slice at the slice's own pixel size,
-    # centred on the label: the 30 x 30 tumour lies whole inside the 48 x 48 patch
+    # a native-resolution model trains on whole slices at their own pixel size (the engine draws the
+    # patches); the original label is drawn original_weight times as often as a final one
     native = datastore_slices(datastore, app.app_config, {"input_size": [48, 48], "patch_size": [48, 48]}, 0.3)
-    patches = {s.z: s for s in native if s.image_id == volume_id and s.tag == "final"}
-    assert set(patches) == {2, 5, 9} and patches[5].image.shape == (48, 48)
-    assert patches[5].mask.sum() == 30 * 30 and patches[2].mask.sum() == 0
+    planes = {s.z: s for s in native if s.image_id == volume_id and s.source == "final label"}
+    assert set(planes) == {2, 5, 9} and planes[5].image.shape == source.shape[1::-1]
+    assert planes[5].mask.sum() == 30 * 30 and planes[2].mask.sum() == 0
+    assert (planes[5].class_label, planes[2].class_label, planes[5].weight) == (1, 0, 1.0)
+    assert {s.weight for s in native if s.source == "original label"} <= {0.3}
 
 
 def test_strategies_return_unlabelled_images_top_k(client, workspace):

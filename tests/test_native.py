@@ -12,7 +12,8 @@ from lungnlb.inference import Predictor, remove_small_components
 from lungnlb.networks import build_model
 from lungnlb.training.augment import patch_transforms
 from lungnlb.training.dataset import SliceDataset, SliceSample
-from lungnlb.training.trainer import TrainConfig, train, validation_score
+from lungnlb.training.trainer import TrainConfig, train
+from lungnlb.training.validation import validation_score
 from train_helpers import DATA, TINY_KWARGS
 
 PATCH = 32

@@ -44,12 +44,22 @@ class SliceSample:
     image: np.ndarray
     mask: np.ndarray | None
     class_label: int | None
+    weight: float = 1.0  # relative chance of being drawn for a batch (the app draws original labels less often)
 
 
 def _resize(array: np.ndarray, size: tuple[int, int], is_mask: bool = False) -> np.ndarray:
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
     resized = resize_batch(tensor, size)[0, 0].numpy()
     return resized > 0.5 if is_mask else resized.astype(np.float32)
+
+
+def sized_plane(plane: np.ndarray, mask: np.ndarray | None, input_size: tuple[int, int] | None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A model-input plane and its mask at the training size: resized to `input_size` (whole-slice
+    models), or as they are (None: native resolution, the training transform draws the patch)."""
+    if input_size is None:
+        return plane.astype(np.float32), mask
+    return _resize(plane, input_size), None if mask is None else _resize(mask, input_size, is_mask=True)
 
 
 def load_image_slices(
@@ -75,11 +85,8 @@ def load_image_slices(
     for z, has_mask, label in slice_plan(record, mask, array.ndim):
         plane = array if array.ndim == 2 else array[z]
         plane_mask = (mask if mask.ndim == 2 else mask[z]) if has_mask else None
-        if input_size is not None:
-            plane = _resize(plane, input_size)
-            plane_mask = None if plane_mask is None else _resize(plane_mask, input_size, is_mask=True)
-        samples.append(SliceSample(image_id, record["case"], record["source"], z,
-                                   plane.astype(np.float32), plane_mask, label))
+        plane, plane_mask = sized_plane(plane, plane_mask, input_size)
+        samples.append(SliceSample(image_id, record["case"], record["source"], z, plane, plane_mask, label))
     return samples
 
 

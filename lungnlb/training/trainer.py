@@ -1,14 +1,19 @@
-"""The training loop: step-based, multi-task, resumable, single process or DDP under `torchrun`.
+"""The one training engine: step-based, multi-task, resumable, single process or DDP.
 
-One step = one batch per process. Batches are drawn with replacement from the training slices;
-`seg_fraction` (when set) is the expected share of slices with a mask in a batch, so the few
-segmentation slices are not drowned by the many classification-only ones. Validation (rank 0)
-runs every `val_every` steps and at the end; it also calibrates the classification head: the
-threshold with the best validation F1 is stored as `cls_logit_offset` (its logit) in the
-checkpoint config, and `Predictor` subtracts it from the cls logit, so that the operating point
-chosen on validation data is probability 0.5 everywhere. `best` keeps the highest validation score
-(mean of Dice over tumour slices and F1, whichever exist), `last` the latest weights plus the
-optimiser state for `--resume`. Learning rate: linear warm-up over 5% of the steps, then cosine to 0.
+`fit` trains a given model on a `TrainingSet`; `train` builds both from a prepared studies folder
+(`lungnlb train`, the experiments), `lungnlb.training.fine_tune` from the app's datastore (MONAI
+Label's incremental training), so every recipe change reaches both.
+
+One step = one batch per process. Batches are drawn with replacement from the training slices, with
+probability proportional to each sample's weight; `seg_fraction` (when set) is the expected share
+of slices with a mask in a batch, so the few segmentation slices are not drowned by the many
+classification-only ones. Validation (rank 0) runs every `val_every` steps and at the end; for a
+whole-slice model it also calibrates the classification head: the threshold with the best
+validation F1 is stored as `cls_logit_offset` (its logit) in the checkpoint config, and `Predictor`
+subtracts it from the cls logit, so that the operating point chosen on validation data is
+probability 0.5 everywhere. `best` keeps the highest validation score (harmonic mean of Dice over
+tumour slices and F1, so a Dice-0 model is never kept), `last` the latest weights plus the optimiser
+state for `--resume`. Learning rate: linear warm-up over 5% of the steps, then cosine to 0.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,12 +35,6 @@ from torch.utils.data import Sampler
 
 from lungnlb.checkpoint import load_training_state, save_checkpoint, save_training_state
 from lungnlb.data.sources import ATTRIBUTION
-from lungnlb.evaluation.metrics import (
-    classification_metrics,
-    f1_best_threshold,
-    per_slice_segmentation,
-    summarize_segmentation,
-)
 from lungnlb.io.intensity import IntensityMapping
 from lungnlb.training.augment import patch_transforms, train_transforms
 from lungnlb.training.dataset import (
@@ -46,6 +45,7 @@ from lungnlb.training.dataset import (
 )
 from lungnlb.training.loss import MultiTaskLoss
 from lungnlb.training.split import all_train_split, load_split, make_split, save_split
+from lungnlb.training.validation import validation_metrics, validation_score, validation_subset
 
 
 @dataclass
@@ -109,11 +109,14 @@ class WeightedShardSampler(Sampler[int]):
 
 
 def sample_weights(samples: list[SliceSample], seg_fraction: float | None) -> np.ndarray:
-    """Uniform weights, or weights giving slices with a mask a total probability of `seg_fraction`."""
+    """Each sample's own `weight`, times (when `seg_fraction` is set) the share giving slices with a
+    mask a total probability of `seg_fraction`. Drawing a sample with probability proportional to w
+    makes the expected batch loss the w-weighted mean loss, so weights need no term in the loss."""
     has_mask = np.array([sample.mask is not None for sample in samples])
+    own = np.array([sample.weight for sample in samples], dtype=float)
     if seg_fraction is None or has_mask.all() or not has_mask.any():
-        return np.ones(len(samples))
-    return np.where(has_mask, seg_fraction / has_mask.sum(), (1 - seg_fraction) / (~has_mask).sum())
+        return own
+    return own * np.where(has_mask, seg_fraction / has_mask.sum(), (1 - seg_fraction) / (~has_mask).sum())
 
 
 def balanced_pos_weight(samples: list[SliceSample], weights: np.ndarray) -> float | None:
@@ -147,96 +150,6 @@ def pick_device(config: TrainConfig, rank: int) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
-
-
-@torch.no_grad()
-def predict_samples(
-    model: nn.Module, samples: list[SliceSample], device: torch.device, batch_size: int = 16
-) -> tuple[list[np.ndarray] | None, np.ndarray]:
-    """Mask probabilities (at the samples' size) and slice scores for already-resized samples."""
-    model.eval()
-    masks, scores = [], []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        batch = torch.from_numpy(np.stack([s.image for s in chunk])[:, None]).to(device)
-        output = model(batch)
-        scores.append(torch.sigmoid(output["cls"].float()).reshape(-1).cpu().numpy())
-        if "seg" in output:
-            masks += list(torch.sigmoid(output["seg"].float())[:, 0].cpu().numpy())
-    return (masks or None), (np.concatenate(scores) if scores else np.zeros(0))
-
-
-def predict_windows(
-    model: nn.Module, samples: list[SliceSample], device: torch.device, config: dict[str, Any]
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Native-resolution validation: each slice through the deployed sliding-window `Predictor`."""
-    from lungnlb.inference import Predictor
-
-    predictor = Predictor(model, config, device=device, batch_size=16)
-    results = [predictor.predict_normalized(s.image[None]) for s in samples]
-    return [r[0][0] for r in results], np.array([float(r[1][0]) for r in results])
-
-
-def validation_metrics(
-    model: nn.Module, samples: list[SliceSample], device: torch.device, windows: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Dice/IoU/false-positive rate on slices with masks, P/R/F1 on slices with class labels.
-
-    ``windows``: the checkpoint config of a native-resolution model, whose slices are predicted by
-    sliding window and called tumour when their mask is non-empty (no threshold is fitted then).
-    """
-    model.eval()
-    if windows is not None:
-        probabilities, scores = predict_windows(model, samples, device, windows)
-    else:
-        probabilities, scores = predict_samples(model, samples, device)
-    metrics: dict[str, Any] = {}
-    seg_index = [i for i, s in enumerate(samples) if s.mask is not None]
-    if probabilities is not None and seg_index:
-        per_slice = per_slice_segmentation([probabilities[i] for i in seg_index], [samples[i].mask for i in seg_index])
-        metrics.update(summarize_segmentation(per_slice))
-    cls_index = [i for i, s in enumerate(samples) if s.class_label is not None]
-    if cls_index:
-        labels = np.array([samples[i].class_label for i in cls_index])
-        threshold = 0.5 if windows is not None else f1_best_threshold(scores[cls_index], labels)
-        metrics.update(classification_metrics(scores[cls_index], labels, threshold))
-        metrics["cls_logit_offset"] = logit_offset(threshold) if windows is None else 0.0
-    return metrics
-
-
-def validation_subset(samples: list[SliceSample], limit: int | None, seed: int) -> list[SliceSample]:
-    """At most `limit` samples, drawn per kind (with a mask / tumour-free / class only) in proportion
-    to the kind's share, seeded, in their original order: validation by sliding window costs a
-    second a whole slice on a CPU, so a long list is sampled rather than cut."""
-    if limit is None or len(samples) <= limit:
-        return samples
-    if limit < 1:
-        raise ValueError(f"val_slices must be at least 1, got {limit}")
-    kinds: dict[tuple[bool, Any], list[int]] = {}
-    for index, sample in enumerate(samples):
-        kinds.setdefault((sample.mask is not None, sample.class_label), []).append(index)
-    rng = np.random.default_rng(seed)
-    keep: list[int] = []
-    for indices in kinds.values():
-        share = max(1, round(limit * len(indices) / len(samples)))
-        keep += rng.choice(indices, size=min(share, len(indices)), replace=False).tolist()
-    return [samples[i] for i in sorted(keep)]
-
-
-def logit_offset(threshold: float, limit: float = 8.0) -> float:
-    """The logit of `threshold` (clipped to +-limit): subtracting it from the cls logit moves that
-    threshold to probability 0.5, the decision point of every consumer of a checkpoint."""
-    threshold = min(max(threshold, 1e-6), 1 - 1e-6)
-    return float(np.clip(math.log(threshold / (1 - threshold)), -limit, limit))
-
-
-def validation_score(metrics: dict[str, Any]) -> float:
-    """Harmonic mean of the validation Dice and F1 (those measured): a model with Dice 0 scores 0
-    however well it classifies, so it can never be kept as the best checkpoint."""
-    values = [metrics[key] for key in ("dice", "f1") if metrics.get(key) is not None]
-    if not values:
-        return float("-inf")
-    return 0.0 if min(values) <= 0 else float(len(values) / sum(1.0 / v for v in values))
 
 
 def data_summary(studies: str, samples: list[SliceSample], split: dict[str, Any]) -> dict[str, Any]:
@@ -334,40 +247,88 @@ def checkpoint_config(
     }
 
 
+@dataclass
+class TrainingSet:
+    """The slices one run trains on and validates on, and what its checkpoints record about them."""
+
+    train: list[SliceSample]
+    val: list[SliceSample]
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Validation:
+    """One validation during a run, as `fit` reports it to its ``on_validation`` callback."""
+
+    step: int
+    loss: float  # running mean of the training loss
+    metrics: dict[str, Any]
+    best_metrics: dict[str, Any]
+    improved: bool  # this validation made a new best checkpoint
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run training; returns {"best", "last", "split": paths, "metrics": best validation metrics, "model": trained module}."""
+    """Train from a prepared studies folder: split by patient, load the slices, build the model, `fit`.
+
+    Returns {"best", "last", "split": paths, "metrics": best validation metrics, "model": trained module}."""
     rank, world_size = distributed_context()
     device = pick_device(config, rank)
     seed_everything(config.seed)
-    out = Path(config.out)
     records = read_records(config.data)
     split = resolve_split(config, records)
-    split_path = out / "split.json"
+    split_path = Path(config.out) / "split.json"
     if rank == 0:
         save_split(split, split_path)
+    mapping = IntensityMapping()  # the library's constants, recorded in every checkpoint of the run
+    data = load_training_set(config, records, split, mapping, rank)
+    if not data.train:
+        raise ValueError(f"no labelled training slices in {config.data} for split {split_path}")
+    result = fit(config, build_network(config), data, mapping, device, rank, world_size)
+    return {**result, "split": split_path}
 
+
+def load_training_set(config: TrainConfig, records: list[dict[str, Any]], split: dict[str, Any],
+                      mapping: IntensityMapping, rank: int = 0) -> TrainingSet:
+    """The split's training slices (every rank) and validation slices (rank 0), mapped and sized for `config`."""
     from lungnlb.networks import is_segmentation_model
 
-    segmentation = is_segmentation_model(config.model)
     size = None if config.patch_size else (config.input_size, config.input_size)
-    # the library's constants, recorded in every checkpoint of the run so its weights get this input later
-    mapping = IntensityMapping()
-    train_samples = load_slices(
-        config.data, size, split["images"]["train"], records, progress=config.progress and rank == 0, mapping=mapping
-    )
+    train_samples = load_slices(config.data, size, split["images"]["train"], records,
+                                progress=config.progress and rank == 0, mapping=mapping)
     val_samples = load_slices(config.data, size, split["images"]["val"], records, mapping=mapping) if rank == 0 else []
-    val_samples = validation_subset(val_samples, config.val_slices, config.seed)
-    if not segmentation:
+    if not is_segmentation_model(config.model):
         train_samples = [s for s in train_samples if s.class_label is not None]
     if config.patch_size:  # only slices whose every patch has a known truth: a lesion mask, or tumour-free
         train_samples = [s for s in train_samples if s.class_label == 0 or (s.mask is not None and s.mask.any())]
-    if not train_samples:
-        raise ValueError(f"no labelled training slices in {config.data} for split {split_path}")
+    return TrainingSet(train_samples, validation_subset(val_samples, config.val_slices, config.seed),
+                       data_summary(config.data, train_samples, split))
 
-    model = build_network(config).to(device)
+
+def fit(
+    config: TrainConfig,
+    model: nn.Module,
+    data: TrainingSet,
+    mapping: IntensityMapping,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    on_validation: Callable[[Validation], None] | None = None,
+) -> dict[str, Any]:
+    """The training engine: `config.steps` optimiser steps of `model` on `data.train`, validated every
+    `config.val_every` steps on `data.val` (rank 0), `best` / `last` checkpoints in `config.out`.
+
+    Steps: loss and optimiser -> (resume) -> data loader -> loop {batch, `train_step`, schedule,
+    every `val_every`: validate, select (`validation_score`), save, report to ``on_validation``}.
+    Under DDP (an initialised process group, `world_size` > 1) each rank draws its own shard.
+    Returns {"best", "last": paths, "metrics": the best validation metrics, "model": the trained module}."""
+    from lungnlb.networks import is_segmentation_model
+
+    out = Path(config.out)
+    model = model.to(device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # one input size: let cuDNN pick its fastest kernels
-    weights = sample_weights(train_samples, config.seg_fraction)
-    pos_weight = balanced_pos_weight(train_samples, weights) if config.balance_classes else None
+    weights = sample_weights(data.train, config.seg_fraction)
+    pos_weight = balanced_pos_weight(data.train, weights) if config.balance_classes else None
+    segmentation = is_segmentation_model(config.model)
     criterion = MultiTaskLoss(config.seg_weight if segmentation else 0.0, config.cls_weight, pos_weight,
                               batch_dice=config.patch_size is not None).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -388,26 +349,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if world_size > 1:
         network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    transform_seed = config.seed * 1000 + rank + step
-    if config.patch_size:
-        transform = patch_transforms(transform_seed, config.patch_size, mapping.air(),
-                                     config.pos_fraction, config.augment)
-    else:
-        transform = train_transforms(transform_seed) if config.augment else None
-    windows = checkpoint_config(config, {}, {}, 0, mapping) if config.patch_size else None
-    sampler = WeightedShardSampler(weights, config.seed, rank, world_size)
-    loader = DataLoader(SliceDataset(train_samples, transform, patches=config.patch_size is not None),
-                        batch_size=config.batch_size, sampler=sampler,
-                        num_workers=config.num_workers, drop_last=False, persistent_workers=config.num_workers > 0,
-                        pin_memory=device.type == "cuda")
+    loader, sampler = _loader(config, data.train, weights, mapping, rank, world_size, step, device)
     batches = _infinite_batches(loader, sampler, epoch=step // max(1, len(loader)))
-    summary = data_summary(config.data, train_samples, split)
+    windows = checkpoint_config(config, {}, {}, 0, mapping) if config.patch_size else None
     writer = _writer(out, config) if rank == 0 else None
     bar = _progress(config, rank, step)
     running = None
 
     def save(name: str, metrics: dict[str, Any]) -> None:
-        save_checkpoint(out / name, model, checkpoint_config(config, summary, metrics, step, mapping))
+        save_checkpoint(out / name, model, checkpoint_config(config, data.summary, metrics, step, mapping))
 
     while step < config.steps:
         network.train()
@@ -423,11 +373,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.3f}", **_short(best_metrics))
             if step % config.val_every == 0 or step == config.steps:
-                metrics = validation_metrics(model, val_samples, device, windows) if val_samples else {}
+                metrics = validation_metrics(model, data.val, device, windows) if data.val else {}
                 if writer is not None:
                     _log(writer, "val", {k: v for k, v in metrics.items() if isinstance(v, float)}, step)
                 score = validation_score(metrics)
-                if score > best_score or not val_samples:
+                improved = score > best_score or not data.val
+                if improved:
                     best_score, best_metrics = score, metrics
                     save("best", metrics)
                 save("last", metrics)
@@ -435,14 +386,31 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "best_score": best_score,
                     "best_metrics": json.dumps(best_metrics)})
-        if world_size > 1 and step % config.val_every == 0:
+                if on_validation is not None:
+                    on_validation(Validation(step, running, metrics, best_metrics, improved))
+        if world_size > 1 and (step % config.val_every == 0 or step == config.steps):
             dist.barrier()
     if bar is not None:
         bar.close()
     if writer is not None:
         writer.close()
-    return {"best": out / "best.pt", "last": out / "last.pt", "metrics": best_metrics, "split": split_path,
-            "model": model}
+    return {"best": out / "best.pt", "last": out / "last.pt", "metrics": best_metrics, "model": model}
+
+
+def _loader(config: TrainConfig, samples: list[SliceSample], weights: np.ndarray, mapping: IntensityMapping,
+            rank: int, world_size: int, step: int, device: torch.device) -> tuple[DataLoader, "WeightedShardSampler"]:
+    """MONAI's DataLoader over the augmented samples, drawn by a seeded weighted sampler (this rank's shard)."""
+    transform_seed = config.seed * 1000 + rank + step
+    if config.patch_size:
+        transform = patch_transforms(transform_seed, config.patch_size, mapping.air(), config.pos_fraction, config.augment)
+    else:
+        transform = train_transforms(transform_seed) if config.augment else None
+    sampler = WeightedShardSampler(weights, config.seed, rank, world_size)
+    loader = DataLoader(SliceDataset(samples, transform, patches=config.patch_size is not None),
+                        batch_size=config.batch_size, sampler=sampler,
+                        num_workers=config.num_workers, drop_last=False, persistent_workers=config.num_workers > 0,
+                        pin_memory=device.type == "cuda")
+    return loader, sampler
 
 
 def _short(metrics: dict[str, Any]) -> dict[str, str]:

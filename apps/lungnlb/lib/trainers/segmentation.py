@@ -4,19 +4,21 @@ One run:
 
 1. start from the currently published weights (see `lib.model_store`), or a fresh
    `--conf network` model when there are none;
-2. train on the `final` labels (loss weight 1) and the `original` watershed labels (weight
-   `original_weight`) — slices from `lib.trainers.slices` — with the multi-task loss
-   `L = sum_g w_g n_g L_g / sum_g w_g n_g` over the groups g in {final, original}, where L_g is
-   lungnlb's DiceCE (seg head) + BCE (cls head) on that group's n_g samples of the batch;
-3. validate every epoch on a held-out share of the images (`val_split`, split by image): mean
-   per-slice Dice of the thresholded mask;
+2. fine-tune it with the library's one training engine (`lungnlb.training.fine_tune`, the same
+   data loader, augmentation, loss and selection as `lungnlb train`) on the `final` labels and the
+   `original` watershed labels — slices from `lib.trainers.slices` — drawing an `original` slice
+   `original_weight` times as often as a `final` one (the expected loss is the weighted mean
+   `sum_g w_g n_g L_g / sum_g w_g n_g` over the groups g in {final, original});
+3. validate every epoch on a held-out share of the images (`val_split`, split by image), as the
+   model is served (sliding window for a native-resolution model): Dice over the slices with a
+   label, F1 of the slice calls; the best epoch by their harmonic mean is kept;
 4. publish the best epoch — only if it passes the publish gate (`lungnlb.training.publish`): finite
-   weights, at least 10 validation slices, validation Dice above the model in use's on the same
-   slices (a tie keeps it), or `force` — with `save_checkpoint`, which replaces
+   weights, at least 10 validation slices with a label, validation Dice above the model in use's on
+   the same slices (a tie keeps it), or `force` — with `save_checkpoint`, which replaces
    `<model_dir>/lung_nlb_seg.pt/.json` atomically (a killed run leaves the previous model intact);
    the next infer request loads it. The stats record the decision and why (`publish`);
-5. write the stats `/info` shows (atomically) and, unless `tracking` is "none", log them to
-   MLflow with a SQLite store (MONAI Label's default `file://` store is rejected by mlflow 3).
+5. write the stats `/info` shows (atomically, after every epoch) and, unless `tracking` is "none",
+   log them to MLflow with a SQLite store (MONAI Label's default `file://` store is rejected by mlflow 3).
 
 The request's values are checked first (400 naming the bad one). A run holds the studies folder's
 training lock (`lib.trainers.guard`): a second run meanwhile gets 409, and a run in MONAI Label's
@@ -47,8 +49,9 @@ from lib.errors import bad_request, unprocessable
 from lib.model_store import ModelStore, file_version, resolve_device
 from lib.trainers.fit import SegmentationFit, TrainJob, fit_distributed
 from lib.trainers.guard import TrainerLock, is_task_subprocess, watch_server
-from lib.trainers.slices import TrainSlice, datastore_slices
+from lib.trainers.slices import datastore_slices
 from lungnlb.checkpoint import build_from_config, load_model
+from lungnlb.training.dataset import SliceSample
 
 DEFAULT_NETWORK = {"model": {"name": "unet_sl_nlb", "kwargs": {}, "in_channels": 1}, "input_size": [256, 256],
                    "intensity": {"window": None}, "threshold": 0.5}
@@ -116,7 +119,7 @@ class NLBSegmentationTrain(TrainTask):
             "run_id": datetime.now().strftime("%Y%m%d_%H%M%S"),
             "start_ts": time.time(),
             "base_model_version": file_version(start_path) if start_path else None,
-            "train_slices": {tag: sum(s.tag == tag for s in train_slices) for tag in ("final", "original")},
+            "train_slices": {tag: sum(s.source == f"{tag} label" for s in train_slices) for tag in ("final", "original")},
             "val_slices": len(val_slices),
         }
         return TrainJob(model, model_config, train_slices, val_slices, req, run)
@@ -182,7 +185,7 @@ def checked_request(req: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
-def _split_by_image(slices: list[TrainSlice], val_split: float, seed: int):
+def _split_by_image(slices: list[SliceSample], val_split: float, seed: int):
     """Hold out about `val_split` of the images (never a slice of a training image); none with < 2 images."""
     ids = sorted({s.image_id for s in slices})
     count = int(round(len(ids) * val_split)) if len(ids) > 1 else 0

@@ -1,0 +1,115 @@
+"""Validation of a model during training: what it predicts on held-out slices, the metrics, the
+selection score, and the draw that keeps a long validation list affordable.
+
+A whole-slice model predicts already-resized samples in batches and its classification threshold is
+fitted (the F1-best threshold, stored as a logit offset); a native-resolution model predicts each
+slice through the deployed sliding-window `Predictor` and calls a slice tumour when its mask is
+non-empty, so validation measures exactly what inference will do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lungnlb.evaluation.metrics import (
+    classification_metrics,
+    f1_best_threshold,
+    per_slice_segmentation,
+    summarize_segmentation,
+)
+from lungnlb.training.dataset import SliceSample
+
+
+@torch.no_grad()
+def predict_samples(
+    model: nn.Module, samples: list[SliceSample], device: torch.device, batch_size: int = 16
+) -> tuple[list[np.ndarray] | None, np.ndarray]:
+    """Mask probabilities (at the samples' size) and slice scores for already-resized samples."""
+    model.eval()
+    masks, scores = [], []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = torch.from_numpy(np.stack([s.image for s in chunk])[:, None]).to(device)
+        output = model(batch)
+        scores.append(torch.sigmoid(output["cls"].float()).reshape(-1).cpu().numpy())
+        if "seg" in output:
+            masks += list(torch.sigmoid(output["seg"].float())[:, 0].cpu().numpy())
+    return (masks or None), (np.concatenate(scores) if scores else np.zeros(0))
+
+
+def predict_windows(
+    model: nn.Module, samples: list[SliceSample], device: torch.device, config: dict[str, Any]
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Native-resolution validation: each slice through the deployed sliding-window `Predictor`."""
+    from lungnlb.inference import Predictor
+
+    predictor = Predictor(model, config, device=device, batch_size=16)
+    results = [predictor.predict_normalized(s.image[None]) for s in samples]
+    return [r[0][0] for r in results], np.array([float(r[1][0]) for r in results])
+
+
+def validation_metrics(
+    model: nn.Module, samples: list[SliceSample], device: torch.device, windows: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Dice/IoU/false-positive rate on slices with masks, P/R/F1 on slices with class labels.
+
+    ``windows``: the checkpoint config of a native-resolution model, whose slices are predicted by
+    sliding window and called tumour when their mask is non-empty (no threshold is fitted then).
+    """
+    model.eval()
+    if windows is not None:
+        probabilities, scores = predict_windows(model, samples, device, windows)
+    else:
+        probabilities, scores = predict_samples(model, samples, device)
+    metrics: dict[str, Any] = {}
+    seg_index = [i for i, s in enumerate(samples) if s.mask is not None]
+    if probabilities is not None and seg_index:
+        per_slice = per_slice_segmentation([probabilities[i] for i in seg_index], [samples[i].mask for i in seg_index])
+        metrics.update(summarize_segmentation(per_slice))
+    cls_index = [i for i, s in enumerate(samples) if s.class_label is not None]
+    if cls_index:
+        labels = np.array([samples[i].class_label for i in cls_index])
+        threshold = 0.5 if windows is not None else f1_best_threshold(scores[cls_index], labels)
+        metrics.update(classification_metrics(scores[cls_index], labels, threshold))
+        metrics["cls_logit_offset"] = logit_offset(threshold) if windows is None else 0.0
+    return metrics
+
+
+def validation_subset(samples: list[SliceSample], limit: int | None, seed: int) -> list[SliceSample]:
+    """At most `limit` samples, drawn per kind (with a mask / tumour-free / class only) in proportion
+    to the kind's share, seeded, in their original order: validation by sliding window costs a
+    second a whole slice on a CPU, so a long list is sampled rather than cut."""
+    if limit is None or len(samples) <= limit:
+        return samples
+    if limit < 1:
+        raise ValueError(f"val_slices must be at least 1, got {limit}")
+    kinds: dict[tuple[bool, Any], list[int]] = {}
+    for index, sample in enumerate(samples):
+        kinds.setdefault((sample.mask is not None, sample.class_label), []).append(index)
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for indices in kinds.values():
+        share = max(1, round(limit * len(indices) / len(samples)))
+        keep += rng.choice(indices, size=min(share, len(indices)), replace=False).tolist()
+    return [samples[i] for i in sorted(keep)]
+
+
+def logit_offset(threshold: float, limit: float = 8.0) -> float:
+    """The logit of `threshold` (clipped to +-limit): subtracting it from the cls logit moves that
+    threshold to probability 0.5, the decision point of every consumer of a checkpoint."""
+    threshold = min(max(threshold, 1e-6), 1 - 1e-6)
+    return float(np.clip(math.log(threshold / (1 - threshold)), -limit, limit))
+
+
+def validation_score(metrics: dict[str, Any]) -> float:
+    """Harmonic mean of the validation Dice and F1 (those measured): a model with Dice 0 scores 0
+    however well it classifies, so it can never be kept as the best checkpoint."""
+    values = [metrics[key] for key in ("dice", "f1") if metrics.get(key) is not None]
+    if not values:
+        return float("-inf")
+    return 0.0 if min(values) <= 0 else float(len(values) / sum(1.0 / v for v in values))
