@@ -428,3 +428,53 @@ def test_extension_description_files_fit_slicers_extension_index():
     module = (MODULE_DIR / "LungNLB.py").read_text()
     self_test = module[module.index("class LungNLBTest"):]
     assert "FakeServer" in self_test and "LUNGNLB_SERVER_URL" not in self_test  # the ctest needs no live server
+
+
+def test_redirects_are_followed_only_to_the_same_server():
+    """urllib alone follows a redirect anywhere, Authorization header included; the client follows one only
+    within the same scheme, host and port."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.server.server_port, self.path, self.headers.get("Authorization")))
+            if self.path == "/info/":
+                target = self.server.redirect_to
+                self.send_response(307)
+                self.send_header("Location", target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = b'{"name": "moved"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    first, other = servers
+    try:
+        url = "http://127.0.0.1:{}".format(first.server_port)
+        client = MonaiLabelClient(url, timeout=5, credentials=Credentials("ann", "s3cret"))
+        first.redirect_to = "/moved/"  # same server: followed, the login goes along
+        assert client.info() == {"name": "moved"}
+        assert [s[:2] for s in seen] == [(first.server_port, "/info/"), (first.server_port, "/moved/")]
+        assert seen[-1][2] == Credentials("ann", "s3cret").header()
+        seen.clear()
+        first.redirect_to = "http://127.0.0.1:{}/moved/".format(other.server_port)  # another server: refused
+        with pytest.raises(ServerUnavailableError, match="redirected to .*not followed"):
+            client.info()
+        assert [s[0] for s in seen] == [first.server_port]  # the other server never heard of it
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()

@@ -83,7 +83,8 @@ class MonaiLabelClient:
     ``credentials`` are sent only over https or to this machine (a password in clear over the network
     would be readable by anyone on the path). ``ca_bundle``: a PEM file of the CA(s) that signed an
     https server's certificate (an organisation's internal CA); the system's CAs otherwise. Certificates
-    are always verified. ``cancel``: an Event that stops a running request between two chunks (the
+    are always verified. Redirects are followed only within the same scheme, host and port: the request
+    (with its credentials) never goes to another server or from https to http. ``cancel``: an Event that stops a running request between two chunks (the
     worker thread then raises RequestCancelled); ``progress(done_bytes, total_bytes_or_None)`` is called
     while an answer downloads.
     """
@@ -115,6 +116,8 @@ class MonaiLabelClient:
         self.client_id = client_id
         self.ca_bundle = ca_bundle
         self._ssl = ssl.create_default_context(cafile=ca_bundle or None) if parsed.scheme == "https" else None
+        handlers = [_SameOriginRedirects()] + ([urllib.request.HTTPSHandler(context=self._ssl)] if self._ssl else [])
+        self._opener = urllib.request.build_opener(*handlers)
         self.cancel = threading.Event()
         self.progress: Optional[Callable[[int, Optional[int]], None]] = None
 
@@ -243,7 +246,7 @@ class MonaiLabelClient:
         if cancel.is_set():
             raise RequestCancelled(f"{method} {path} was cancelled")
         try:
-            with urllib.request.urlopen(request, timeout=limit, context=self._ssl) as reply:
+            with self._opener.open(request, timeout=limit) as reply:
                 headers = reply.headers
                 return Response(
                     reply.status,
@@ -294,6 +297,27 @@ class MonaiLabelClient:
                 f"expected JSON from the server, got {response.content_type or 'no content type'} "
                 f"({len(response.body)} bytes)"
             ) from None
+
+
+def _origin(url: str) -> Tuple[str, str, Optional[int]]:
+    parsed = urllib.parse.urlparse(url)
+    default = {"http": 80, "https": 443}.get(parsed.scheme)
+    return parsed.scheme, (parsed.hostname or "").lower(), parsed.port or default
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to the same scheme, host and port (urllib would follow it anywhere, with the
+    Authorization header, also from https to http)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urljoin(req.full_url, newurl)
+        if _origin(target) != _origin(req.full_url):
+            raise ServerUnavailableError(
+                f"the server at {req.full_url} redirected to {target} (HTTP {code}), another server or scheme: not "
+                "followed, so that nothing (a login, an image) goes where it was not meant to; if that address is "
+                "the right one, set it as the server URL"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _segment(name: str) -> str:
