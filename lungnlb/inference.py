@@ -76,7 +76,9 @@ class Predictor:
     ) -> None:
         if "input_size" not in config and "patch_size" not in config:
             raise ValueError("checkpoint config has neither 'input_size' nor 'patch_size'; cannot prepare slices for the model")
-        self.model = model.to(device).eval()
+        from lungnlb.networks.inference_form import inference_form
+
+        self.model = inference_form(model).to(device)  # a copy: a model being trained stays as it is
         self.config = config
         self.device = torch.device(device)
         self.batch_size = batch_size

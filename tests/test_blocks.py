@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lungnlb.blocks import VARIANTS, NonLocalBlock2d, grid_to_tokens, locality_weights, symmetry_gate, tokens_to_grid
+from lungnlb.networks.inference_form import inference_form
 
 
 def randomise(block: NonLocalBlock2d, seed: int = 0) -> NonLocalBlock2d:
@@ -75,15 +76,16 @@ def naive_block(block: NonLocalBlock2d, x: torch.Tensor) -> tuple[torch.Tensor, 
 CASES = [(variant, "paper") for variant in VARIANTS] + [("localized", "chebyshev"), ("symmetry_localized", "chebyshev")]
 
 
-@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])  # inference: fused W v
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "inference_form"])  # inference_form: fused W v
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("variant,distance", CASES)
 @pytest.mark.parametrize("height,width,grid", [(12, 12, 3), (15, 9, 3)])  # second: odd cell height 5
-def test_block_matches_naive_reference(variant, distance, height, width, grid, memory_format, grad):
+def test_block_matches_naive_reference(variant, distance, height, width, grid, memory_format, fast):
     block = randomise(NonLocalBlock2d(6, grid=grid, variant=variant, inner_channels=4, distance=distance))
+    block = inference_form(block) if fast else block
     x = torch.randn(1, 6, height, width, generator=torch.Generator().manual_seed(1))
     x = x.contiguous(memory_format=memory_format)
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(not fast):
         y, attention = block(x, return_attention=True)
     expected_y, expected_attention = naive_block(block, x)
     torch.testing.assert_close(attention.double(), expected_attention, rtol=1e-4, atol=1e-5)

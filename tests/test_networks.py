@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from lungnlb.blocks import NonLocalBlock2d
 from lungnlb.explain import attention_maps
 from lungnlb.networks import build_model, is_segmentation_model, list_models, size_divisor
+from lungnlb.networks.inference_form import inference_form
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NLB_MODELS = ["unet_nlb", "unet_localized_nlb", "unet_sb_nlb", "unet_sl_nlb"]
@@ -90,6 +91,7 @@ def test_unet_computes_monai_basicunet_and_keeps_its_state_dict_keys():
     model.unet.load_state_dict(stock.state_dict())
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
+        torch.testing.assert_close(inference_form(model)(x)["seg"], stock.eval()(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.eval()(x)["seg"], stock.eval()(x), rtol=1e-5, atol=1e-5)
     model.train()(x)["seg"].square().mean().backward()
     stock.train()(x).square().mean().backward()
@@ -116,18 +118,47 @@ def test_fast_instance_norm_matches_float64_instance_norm(memory_format):
     assert set(norm.state_dict()) == {"weight", "bias"}
 
 
-def test_inference_runs_channels_last_and_training_nchw():
-    model = build_model("unet_sl_nlb").eval()
+def test_inference_form_is_an_explicit_converted_copy():
+    """`inference_form` converts a copy (channels_last, group-norm kernel, fused block projections):
+    same outputs, the given model untouched and still trainable; the copy refuses training."""
+    from lungnlb.networks.instance_norm import FastInstanceNorm2d
+
+    torch.manual_seed(0)
+    model = build_model("unet_sl_nlb", grid=4).eval()
+    fast = inference_form(model)
     layouts = []
-    model.unet.down_1.register_forward_hook(
-        lambda module, inputs, output: layouts.append(output.is_contiguous(memory_format=torch.channels_last)))
+    for net in (fast, model):
+        net.unet.down_1.register_forward_hook(
+            lambda module, inputs, output: layouts.append(output.is_contiguous(memory_format=torch.channels_last)))
     x = torch.randn(2, 1, 128, 128)
     with torch.no_grad():
-        fast = model(x)
-    slow = model(x)  # autograd recording: the NCHW path
-    assert layouts == [True, False]
-    torch.testing.assert_close(fast["seg"], slow["seg"].detach(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(fast["cls"], slow["cls"].detach(), rtol=1e-4, atol=1e-4)
+        converted, plain = fast(x), model(x)
+    assert layouts == [True, False]  # no_grad alone does not switch the plain model to the fast form
+    torch.testing.assert_close(converted["seg"], plain["seg"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(converted["cls"], plain["cls"], rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, FastInstanceNorm2d) for m in model.modules())
+    assert not any(getattr(m, "fast_inference", False) for m in model.modules())
+    assert any(isinstance(m, FastInstanceNorm2d) for m in fast.modules())
+    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    model.train()(x)["seg"].mean().backward()  # the original trains as before
+    fast.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast(x)
+
+
+def test_unetpp_computes_monai_unetplusplus_without_hooks_or_state():
+    from lungnlb.networks.baselines import UNetPlusPlusSegCls
+
+    torch.manual_seed(0)
+    model = UNetPlusPlusSegCls().eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        first, second = model(x), model(x[:1])
+        torch.testing.assert_close(first["seg"], model.net(x)[-1])
+    torch.testing.assert_close(second["cls"], first["cls"][:1], rtol=1e-5, atol=1e-5)  # nothing carried between calls
+    assert not any(module._forward_hooks for module in model.modules())
+    assert not any(isinstance(value, list) for value in vars(model).values())
 
 
 def test_nlb_unet_equals_unet_at_initialisation():

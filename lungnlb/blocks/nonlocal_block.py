@@ -71,6 +71,7 @@ class NonLocalBlock2d(nn.Module):
         self.localized = variant in ("localized", "symmetry_localized")
         self.symmetric = variant in ("symmetry", "symmetry_localized")
         # f, g, h as one 1x1 convolution: output channels [0, C') are queries, [C', 2C') keys, [2C', 3C') values
+        self.fast_inference = False  # set by lungnlb.networks.inference_form
         self.qkv = PointwiseConv2d(in_channels, 3 * inner)
         self.out = PointwiseConv2d(inner, in_channels)
         self.residual = PointwiseConv2d(in_channels, in_channels, bias=False)
@@ -104,8 +105,8 @@ class NonLocalBlock2d(nn.Module):
         return (y, attention) if return_attention else y
 
     def _project(self, mixed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Y = W(v(O)) + X. Without autograd, W v is one C' -> C product: (W W_v) O + W b_v + X."""
-        if torch.is_grad_enabled():
+        """Y = W(v(O)) + X. In the inference form W v is one C' -> C product: (W W_v) O + W b_v + X."""
+        if not self.fast_inference:
             return self.residual(self.out(mixed), add=x)
         residual = self.residual.weight.flatten(1)
         weight = residual @ self.out.weight.flatten(1)

@@ -17,7 +17,15 @@ from .unet_nlb import FEATURES, check_input_size
 
 
 class UNetPlusPlusSegCls(nn.Module):
-    """MONAI BasicUNetPlusPlus + classification head on its deepest encoder features (conv_4_0)."""
+    """MONAI BasicUNetPlusPlus + classification head on its deepest encoder features (conv_4_0).
+
+    The nested nodes are evaluated here, from the network's own modules, so the deepest features
+    are a local value of the forward pass (no hook, no state kept between calls):
+
+        x[i][0] = conv_i_0(x[i-1][0])                                   (x[-1][0] = input)
+        x[i][j] = upcat_i_j(x[i+1][j-1], cat(x[i][0], ..., x[i][j-1]))   j >= 1, i + j <= 4
+        seg = final_conv_0_4(x[0][4]),  cls = Linear(mean_HW x[4][0])
+    """
 
     size_divisor = 16
 
@@ -25,14 +33,18 @@ class UNetPlusPlusSegCls(nn.Module):
         super().__init__()
         self.net = BasicUNetPlusPlus(spatial_dims=2, in_channels=in_channels, out_channels=1, features=features)
         self.classifier = nn.Linear(features[4], 1)
-        self._pooled: list[torch.Tensor] = []
-        self.net.conv_4_0.register_forward_hook(lambda module, args, output: self._pooled.append(output.mean(dim=(2, 3))))
 
     def forward(self, x: torch.Tensor) -> dict:
         check_input_size(x, self.size_divisor, "unetpp")
-        self._pooled.clear()
-        seg = self.net(x)[-1]
-        return {"seg": seg, "cls": self.classifier(self._pooled.pop())}
+        nodes = [[self.net.conv_0_0(x)]]
+        for i in range(1, 5):
+            nodes.append([getattr(self.net, f"conv_{i}_0")(nodes[i - 1][0])])
+        for j in range(1, 5):
+            for i in range(0, 5 - j):
+                skip = nodes[i][0] if j == 1 else torch.cat(nodes[i][:j], dim=1)
+                nodes[i].append(getattr(self.net, f"upcat_{i}_{j}")(nodes[i + 1][j - 1], skip))
+        seg = self.net.final_conv_0_4(nodes[0][4])
+        return {"seg": seg, "cls": self.classifier(nodes[4][0].mean(dim=(2, 3)))}
 
 
 class Classifier(nn.Module):

@@ -20,9 +20,9 @@ subsample (about 1024 pixels per channel): the remaining mean is then small agai
 of the values and the one-pass variance is exact to float32 rounding again. Centring costs
 one pass over the tensor, copying to NCHW and back would cost two.
 
-Inference only: with autograd recording, the forward is `torch.instance_norm` itself, because
-the group-norm backward loses precision in the same way for channels with a large mean
-(weight gradients off by ~1e-3 relative in a BasicUNet, against ~1e-6 for instance norm).
+Inference only (installed by `lungnlb.networks.inference_form`): the group-norm backward loses
+precision in the same way for channels with a large mean (weight gradients off by ~1e-3 relative
+in a BasicUNet, against ~1e-6 for instance norm), so a forward that records gradients is refused.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from ..blocks.pointwise import is_channels_last
 
 
 class FastInstanceNorm2d(nn.InstanceNorm2d):
-    """`nn.InstanceNorm2d` without running statistics, evaluated with `F.group_norm` when no
-    gradient is recorded (inference), with `torch.instance_norm` otherwise."""
+    """`nn.InstanceNorm2d` without running statistics, evaluated with `F.group_norm` (inference only)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return super().forward(x)
+            raise RuntimeError("FastInstanceNorm2d is for inference only (its backward is imprecise); "
+                               "train the plain model, not its inference_form")
         if x.dim() != 4:
             raise ValueError(f"FastInstanceNorm2d expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
         if is_channels_last(x):

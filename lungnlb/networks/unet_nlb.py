@@ -9,14 +9,12 @@ The segmentation path is exactly MONAI's BasicUNet; the additions are
 - a classification head: global average pooling of the bottleneck features + linear -> 1 logit
   ("neoplasm present").
 
-Speed, without changing parameters or state_dict keys: instance norm runs on the group-norm kernel
-(`FastInstanceNorm2d`), the decoder skips MONAI UpCat's replicate padding (a copy that pads by
-zero pixels for the sizes accepted here), the final 1x1 convolution is a matrix product
-(`PointwiseConv2d`), and inference runs channels_last (NHWC): the input is given NHWC strides
-(a view for one channel), every convolution, pooling and block then keeps that layout, and
-oneDNN's 3x3 convolutions and max pooling are 1.7x and ~10x faster in it on CPU. Training
-(autograd recording) stays NCHW, where torch's instance-norm backward is accurate
-(docs/method.md, speed section).
+Speed, without changing parameters or state_dict keys: the decoder skips MONAI UpCat's replicate
+padding (a copy that pads by zero pixels for the sizes accepted here) and the final 1x1
+convolution is a matrix product (`PointwiseConv2d`). The faster inference form (instance norm on
+the group-norm kernel, channels_last input, fused block projections) is an explicit conversion,
+`lungnlb.networks.inference_form`, which sets `fast_inference`; training stays NCHW, where torch's
+instance-norm backward is accurate (docs/method.md, speed section).
 
 `forward(x)` returns {"seg": (B, 1, H, W) logits, "cls": (B, 1) logits}; with
 `return_attention=True` also {"attention": {block name: (B, n*n, n*n)}}.
@@ -33,7 +31,6 @@ from torch import nn
 
 from ..blocks import NonLocalBlock2d
 from ..blocks.pointwise import PointwiseConv2d
-from .instance_norm import use_fast_instance_norm
 
 FEATURES = (32, 32, 64, 128, 256, 32)
 DEPTH = 4  # BasicUNet halves the size four times
@@ -96,9 +93,8 @@ class SegClsUNet(nn.Module):
         if any(level not in range(1, DEPTH + 1) for level in levels):
             raise ValueError(f"nlb_levels must be within 1..{DEPTH}, got {tuple(nlb_levels)}")
         self.name = name
-        self.unet = use_fast_instance_norm(
-            BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=1, features=features)
-        )
+        self.fast_inference = False  # set by lungnlb.networks.inference_form
+        self.unet = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=1, features=features)
         final = self.unet.final_conv  # same parameters and state_dict keys, computed as one matrix product
         self.unet.final_conv = PointwiseConv2d(final.in_channels, final.out_channels)
         self.unet.final_conv.load_state_dict(final.state_dict())
@@ -115,7 +111,7 @@ class SegClsUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, return_attention: bool = False) -> dict:
         check_input_size(x, self.size_divisor, self.name)
-        if not torch.is_grad_enabled():
+        if self.fast_inference:
             x = channels_last(x)
         unet, attention = self.unet, {}
         skips = [unet.conv_0(x)]
