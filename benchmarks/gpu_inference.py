@@ -23,6 +23,7 @@ import torch
 
 from lungnlb.data.studies import image_path, read_records, read_study_image
 from lungnlb.inference import Predictor
+from lungnlb.stamp import run_stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "studies"
@@ -60,7 +61,7 @@ def main() -> None:
     m_cpu, m_gpu = p_cpu.probability > 0.5, p_gpu.probability > 0.5
     union = m_cpu.sum() + m_gpu.sum()
     report = {
-        "device": torch.cuda.get_device_name(gpu), "torch": torch.__version__,
+        **run_stamp(), "device": torch.cuda.get_device_name(gpu), "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(), "volume_shape": list(volume.shape),
         "max_abs_diff_mask_probability": float(np.abs(p_cpu.probability - p_gpu.probability).max()),
         "max_abs_diff_slice_probability": float(np.abs(p_cpu.slice_probability - p_gpu.slice_probability).max()),

@@ -38,6 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lungnlb.io.atomic import atomic_write_text  # noqa: E402
 from lungnlb.networks import build_model, list_models  # noqa: E402
+from lungnlb.networks.inference_form import inference_form  # noqa: E402
+from lungnlb.stamp import run_stamp  # noqa: E402
 
 SIZE = 512
 MATMUL_N = 2048
@@ -100,7 +102,7 @@ def peak_memory_mib(name: str) -> float:
 
 
 def child_peak_memory(name: str) -> None:
-    model, x = build_model(name).eval(), model_input()
+    model, x = inference_form(build_model(name)), model_input()
     before_kib = current_rss_kib()
     with torch.inference_mode():
         model(x)
@@ -209,11 +211,11 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"unknown models {unknown}; known: {list_models()}")
     torch.manual_seed(0)
-    models = {name: build_model(name).eval() for name in names}
+    models = {name: inference_form(build_model(name)) for name in names}  # as Predictor serves them
     memory = {name: peak_memory_mib(name) for name in names}
     subject_flops = count_flops(models[SUBJECT]) if SUBJECT in models else 0
     times, matmul_times = measure_latencies(models, args.runs, args.warmup)
-    report = summarise(models, times, matmul_times, memory, subject_flops)
+    report = {**run_stamp(), **summarise(models, times, matmul_times, memory, subject_flops)}
     print_table(report)
     write_json_atomic(report, args.output)
     print(f"wrote {args.output}")

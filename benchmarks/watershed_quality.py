@@ -29,6 +29,7 @@ from lungnlb.io.atomic import atomic_write, atomic_write_text  # noqa: E402
 from lungnlb.io import lidc_consensus, list_dicom_series, read_dicom_series, read_npz_slices  # noqa: E402
 from lungnlb.labels import WatershedParams, box_to_mask  # noqa: E402
 from lungnlb.overlap import dice_iou  # noqa: E402
+from lungnlb.stamp import run_stamp  # noqa: E402
 from lungnlb.labels.quality import (  # noqa: E402
     bounding_box,
     filled_box,
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(summary, timing)
     worst = worst_cases_png(args.out / "watershed_worst.png", cases, rows)
     report = {
+        **run_stamp(),
         "settings": {"pad": args.pad, "jitter": args.jitter, "seed": args.seed, "min_pixels": args.min_pixels},
         "params": WatershedParams().as_dict(),
         "summary": summary,

@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from lungnlb.training.loss import MultiTaskLoss  # noqa: E402
+from lungnlb.stamp import run_stamp  # noqa: E402
 from lungnlb.training.trainer import TrainConfig, build_network, train_step  # noqa: E402
 
 ROWS = ["unet_sl_nlb", "unet", "unetpp"]
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     begin = time.monotonic()
     device = torch.device(args.device)
-    results = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    results = {**run_stamp(), "torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "recipe": {k: getattr(args, k) for k in ("input_size", "batch_size", "lr", "seed", "max_steps", "budget_s")}}
     results["probe_ms_per_step"] = {row: round(probe_step_ms(row, args.batch_size, args.input_size, device), 2)
                                     for row in args.rows}

@@ -6,7 +6,8 @@ resolution with `lungnlb.evaluation.evaluate` (Dice / IoU over tumour slices, P 
 neoplasm present). Prints both tables as mean ± sd over seeds beside the paper's figures, checks
 the paper's claims, and compares `distance="paper"` with `distance="chebyshev"` for unet_sl_nlb.
 
-    python -m experiments.paper_tables --budget cpu --markdown docs/results.md
+    python -m experiments.paper_tables --budget cpu --json experiments/results/paper_tables_cpu.json
+    python -m experiments.doc_tables      # the tables in docs/results.md, from that file
 
 Budgets: smoke (seconds, a handful of cases, for the test), cpu (2 CPU cores), gpu (full size).
 """
@@ -33,6 +34,7 @@ from lungnlb.evaluation.evaluate import evaluate  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402
 from lungnlb.io.atomic import atomic_write_text  # noqa: E402
 from lungnlb.networks import is_segmentation_model, list_models  # noqa: E402
+from lungnlb.stamp import run_stamp  # noqa: E402
 from lungnlb.training import TrainConfig, make_split, read_records, save_split, train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -165,6 +167,14 @@ def claims(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown(result: dict) -> str:
+    """The budget, both tables and the claims, from a result file (what `--json` writes) alone."""
+    split = result["split"]
+    header = (f"Budget `{result['budget']}`: {result['settings']}; split {split['file']} (seed {split['seed']}, "
+              f"by patient / case block); test: {split['test_images']} images of cases {', '.join(split['test_cases'])}.\n\n")
+    return header + tables(result["runs"], result["rows"]) + "\n" + claims(result["runs"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
@@ -176,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="*", help="override the budget's seeds")
     parser.add_argument("--steps", type=int, help="override the budget's training steps")
     parser.add_argument("--markdown", type=Path, help="also write the tables and claims to this file")
+    parser.add_argument("--json", type=Path, help="also write the result file (runs, budget, split, date, commit)")
     args = parser.parse_args(argv)
 
     budget = dict(BUDGETS[args.budget])
@@ -194,11 +205,15 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_row(row, seed, budget, studies, split_path, split["images"]["test"], args.out))
             print(json.dumps(runs[-1], default=float), flush=True)
             atomic_write_text(args.out / "runs.json", json.dumps(runs, indent=2, default=float))  # kept if stopped
-    settings = {k: budget[k] for k in ("input_size", "steps", "batch_size", "lr", "seeds")}
-    header = (f"Budget `{args.budget}`: {settings}; split {split_path.name} (seed 0, by patient / case block); "
-              f"test: {len(split['images']['test'])} images of cases {', '.join(split['cases']['test'])}.\n\n")
-    text = header + tables(runs, rows) + "\n" + claims(runs)
+    result = {**run_stamp(), "budget": args.budget,
+              "settings": {k: budget[k] for k in ("input_size", "steps", "batch_size", "lr", "seeds")},
+              "split": {"file": split_path.name, "seed": 0, "test_images": len(split["images"]["test"]),
+                        "test_cases": split["cases"]["test"]},
+              "rows": rows, "runs": runs}
+    text = markdown(result)
     print(text)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2, default=float) + "\n")
     if args.markdown:
         command = "python -m experiments.paper_tables " + " ".join(argv if argv is not None else sys.argv[1:])
         args.markdown.write_text(f"# Results: the paper's tables on public data\n\nCommand: `{command}`\n\n{text}")

@@ -31,6 +31,7 @@ from experiments.paper_tables import DATA, prepared  # noqa: E402  (enables huge
 
 from lungnlb.evaluation.evaluate import evaluate  # noqa: E402
 from lungnlb.io.atomic import atomic_write_text  # noqa: E402
+from lungnlb.stamp import run_stamp  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402
 from lungnlb.training import TrainConfig, make_split, read_records, save_split, train  # noqa: E402
 from lungnlb.training.split import with_images  # noqa: E402
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mean Dice over {len(rows)} held-out patients: {np.mean(dice):.3f} (median {np.median(dice):.3f})")
     if args.json:
         settings = {k: getattr(args, k) for k in ("model", "input_size", "steps", "batch_size", "lr")}
-        atomic_write_text(args.json, json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps({**run_stamp(), "settings": settings, "rows": rows}, indent=1) + "\n")
     return 0
 
 

@@ -1,5 +1,5 @@
 """Evaluate the shipped weights on every kind of data in ../shared/data, per patient, and regenerate
-the evaluation section of docs/results.md from the result files.
+the evaluation section of docs/results.md from the result files (through `experiments.doc_tables`).
 
     .venv/bin/python -m experiments.shipped_evaluation [--data ../shared/data] [--checkpoint CKPT]
 
@@ -20,6 +20,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from experiments import doc_tables
 from lungnlb.commands.train import prepared_folder
 from lungnlb.evaluation.evaluate import EXCLUDE, evaluate, seen_cases
 from lungnlb.evaluation.figures import froc_curve, patient_dice
@@ -107,16 +108,6 @@ def section(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the generated section of ``path`` (or append it)."""
-    current = path.read_text(encoding="utf-8")
-    if BEGIN in current and END in current:
-        current = current[: current.index(BEGIN)] + text + current[current.index(END) + len(END):]
-    else:
-        current = current.rstrip() + "\n\n" + text + "\n"
-    atomic_write_text(path, current)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -125,14 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", nargs="+", default=["crops", "vois", "whole_unseen"], choices=list(SETS),
                         help="whole_all adds every whole-slice patient, trained-on ones included (flagged)")
     parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="lungnlb-shipped-evaluation-"))
     predictor = Predictor.from_checkpoint(args.checkpoint)
     reports = {name: run_set(name, args.data, work, predictor, args.bootstrap) for name in args.sets}
-    write_section(args.docs, section(reports))
     print(section(reports))
-    return 0
+    return doc_tables.main(["shipped-evaluation"])  # docs/results.md from every evaluation_*.json now present
 
 
 if __name__ == "__main__":
