@@ -27,7 +27,7 @@ import numpy as np
 from filelock import FileLock
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.activelearning.lung_region import lung_region
+from lungnlb.labels.lung_region import lung_region
 from lib.conf import AppConfig
 from lib.images import load_image, load_mask, study_intensity
 from lib.model_store import LoadedModel, ModelStore
