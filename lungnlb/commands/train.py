@@ -13,6 +13,7 @@ import json
 import typing
 from pathlib import Path
 
+from lungnlb.data.studies import is_studies_folder
 from lungnlb.prepare import DEFAULT_CONSENSUS, prepare
 from lungnlb.training.trainer import TrainConfig, train
 
@@ -83,7 +84,7 @@ def prepared_folder(data: Path, cache: Path, consensus: int = DEFAULT_CONSENSUS)
     """
     if not data.exists():
         raise FileNotFoundError(f"data folder {data} does not exist")
-    if (data / "meta").is_dir():
+    if is_studies_folder(data):
         return data
     prepare(data, cache, consensus=consensus)
     return cache

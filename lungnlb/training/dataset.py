@@ -1,6 +1,6 @@
 """Labelled 2D slices from a prepared studies folder (what `lungnlb prepare` writes).
 
-    <studies>/<image_id>.nii.gz, <studies>/labels/original/<image_id>.nii.gz, <studies>/meta/<image_id>.json
+    the studies folder of `lungnlb.data.studies`: image, reference label and sidecar per image id
 
 One `SliceSample` per labelled slice:
 - 2D image with a mask: segmentation sample; its class is the sidecar `class_label`, or whether the
@@ -26,7 +26,7 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 from torch.utils.data import Dataset
 
-from lungnlb.data.studies import IMAGE_SUFFIX, read_records, slice_plan
+from lungnlb.data.studies import image_path, label_path, read_records, slice_plan
 from lungnlb.inference import resize_batch
 
 if TYPE_CHECKING:
@@ -75,8 +75,8 @@ def load_image_slices(
 
     studies = Path(studies)
     image_id = record["image_id"]
-    image = read_image(studies / f"{image_id}{IMAGE_SUFFIX}")
-    mask_path = studies / "labels" / "original" / f"{image_id}{IMAGE_SUFFIX}"
+    image = read_image(image_path(studies, image_id))
+    mask_path = label_path(studies, image_id)
     mask = read_image(mask_path).array > 0.5 if mask_path.is_file() else None
     if mask is not None and mask.shape != image.array.shape:
         raise ValueError(f"mask {mask_path} has shape {mask.shape}, image has {image.array.shape}")
