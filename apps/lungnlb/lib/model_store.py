@@ -74,6 +74,7 @@ class ModelStore:
         self._lock = threading.Lock()
         self._loaded: LoadedModel | None = None
         self._stamp: tuple | None = None
+        self._versions: dict[tuple, str] = {}
         self.thread = ModelThread()
 
     def run(self, fn, /, *args: Any, **kwargs: Any) -> Any:
@@ -95,7 +96,16 @@ class ModelStore:
         if path is None:
             return {"trained": False, "message": NO_WEIGHTS_MESSAGE}
         source = "published by training" if path == self.config.published_checkpoint else "initial checkpoint"
-        return {"trained": True, "checkpoint": str(path), "source": source, "version": self.get().version}
+        return {"trained": True, "checkpoint": str(path), "source": source, "version": self.version(path)}
+
+    def version(self, path: Path) -> str:
+        """The version of the weights file `path` as it is now, without loading the model: `/info`
+        runs on the event loop, and a load waits for the model thread (behind a volume's inference)."""
+        stat = path.stat()
+        stamp = (str(path), stat.st_mtime_ns, stat.st_size)
+        if stamp not in self._versions:
+            self._versions = {stamp: file_version(path)}  # only the current file's is kept
+        return self._versions[stamp]
 
     def get(self) -> LoadedModel:
         """The loaded current model; reloads when the checkpoint file changed; 503 when none exists."""
