@@ -8,6 +8,7 @@ Wiring only; the parts live in `lib/` (see docs/app.md):
     lib/model_store.py           current weights, their version, the loaded model
     lib/model_thread.py          the one thread every forward pass runs on
     lib/provenance.py            datastore: checked uploads, write-once original, versioned final labels
+    lib/pacs.py                  the same datastore on a PACS over DICOMweb (labels back as DICOM SEG)
     lib/monailabel_private.py    every private member of MONAI Label the app uses, and why
     lib/images.py                request image resolution and checks (4xx with a message)
     lib/server.py                start-up: closed unless authenticated, CORS, size limits, checked routes
@@ -47,6 +48,7 @@ from lib.infers.classification import NLBClassificationInfer
 from lib.infers.segmentation import NLBSegmentationInfer
 from lib.infers.watershed import WatershedInfer
 from lib.model_store import ModelStore
+from lib.pacs import PacsDatastore, cache_dir, is_pacs
 from lib.monailabel_private import infer_tasks, strategies
 from lib.official_module import official_train_stats
 from lib.provenance import ProvenanceDatastore
@@ -65,7 +67,8 @@ class LungNLBApp(MONAILabelApp):
     """MONAI Label app of the LungNLB project (subclasses MONAILabelApp directly, as discovery requires)."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
-        self.app_config = parse_conf(app_dir, studies, conf or {})
+        # a PACS (DICOMweb URL) is served from a local cache folder, which stands in for the studies folder
+        self.app_config = parse_conf(app_dir, cache_dir(studies, conf or {}) if is_pacs(studies) else studies, conf or {})
         self.store = ModelStore(self.app_config)
         self.score_cache = ScoreCache(self.app_config, self.store)
         self.images = ImageCache(int(self.app_config.image_cache_mb * (1 << 20)))
@@ -80,8 +83,8 @@ class LungNLBApp(MONAILabelApp):
         )
 
     def init_datastore(self) -> Datastore:
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+        if is_pacs(self.studies):  # not MONAI Label's own set-up, which downloads dcmqi (lib/pacs.py)
+            return PacsDatastore(self.app_config, self.studies, self.conf or {})
         return ProvenanceDatastore(
             self.app_config,
             extensions=("*.nii.gz", "*.nii"),
