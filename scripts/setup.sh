@@ -27,3 +27,23 @@ if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
              "(apt-get install nginx) to use scripts/serve_proxy.sh and to run tests/test_security_proxy.py" >&2
     fi
 fi
+
+# Orthanc with its DICOMweb plugin (Debian's orthanc, orthanc-dicomweb) for the local PACS of
+# scripts/pacs_orthanc.py, scripts/serve_pacs_sample.sh and tests/test_pacs.py; iproute2 brings up
+# the loopback interface of the network namespace Orthanc runs in. As root with apt-get; its system
+# service is not started (it would listen on every interface).
+if [ ! -x /usr/sbin/Orthanc ] || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || ! command -v ip >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        policy=/usr/sbin/policy-rc.d
+        made_policy=0
+        if [ ! -e "$policy" ]; then
+            printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made_policy=1
+        fi
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb iproute2 >/dev/null
+        [ "$made_policy" = 0 ] || rm -f "$policy"
+    else
+        echo "setup.sh: Orthanc is not installed and this is not root with apt-get: install Debian's orthanc," \
+             "orthanc-dicomweb and iproute2 to use scripts/serve_pacs_sample.sh and to run tests/test_pacs.py" >&2
+    fi
+fi
