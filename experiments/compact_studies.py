@@ -9,6 +9,9 @@ at most half a grey level (1500 HU / 510 ~ 2.9 HU in the lung window). Case, sou
 mask and attribution are kept, so `lungnlb.training.split` puts every case in the same subset as
 in the full folder (splits are by case).
 
+With ``--split SPLIT --subsets train val`` only the cases of those subsets are written (the test
+patients of a GPU run need not, and should not, travel).
+
     python -m experiments.compact_studies /tmp/lungnlb-paper-studies .gpu/studies
 """
 
@@ -32,6 +35,7 @@ from lungnlb.io import read_image
 from lungnlb.io.image import axial_affine
 from lungnlb.io.intensity import to_model_input
 from lungnlb.io.volume import nifti_bytes
+from lungnlb.training.split import load_split
 
 KEPT_KEYS = ("case", "source", "attribution", "label_method", "class_name")
 
@@ -67,10 +71,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("studies", type=Path, help="prepared studies folder (what `lungnlb prepare` writes)")
     parser.add_argument("out", type=Path, help="new folder for the compact copy")
+    parser.add_argument("--split", type=Path, help="a split.json: write only the cases of --subsets")
+    parser.add_argument("--subsets", nargs="+", default=["train", "val"], choices=["train", "val", "test"])
     args = parser.parse_args()
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"{args.out} exists and is not empty")
-    slices = sum(compact_image(args.studies, record, args.out) for record in read_records(args.studies))
+    records = read_records(args.studies)
+    if args.split:
+        cases = {case for subset in args.subsets for case in load_split(args.split)["cases"][subset]}
+        records = [record for record in records if record["case"] in cases]
+    slices = sum(compact_image(args.studies, record, args.out) for record in records)
     size = sum(path.stat().st_size for path in args.out.rglob("*") if path.is_file())
     print(f"{slices} labelled slices -> {args.out} ({size / 2**20:.1f} MiB)")
 

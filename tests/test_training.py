@@ -231,3 +231,20 @@ def test_patient_cv_folds_hold_out_each_masked_patient_once():
         assert [c for c in cases["val"] if c in patients] == [validation_patient]
         assert sorted(cases["train"] + cases["val"] + cases["test"]) == sorted({r["case"] for r in records})
         assert split["images"]["test"] == [f"{patient}_0", f"{patient}_1"]
+
+
+def test_a_time_budget_shortens_the_run_and_its_schedule(tmp_path):
+    from lungnlb.training.trainer import BUDGET_PROBE_STEPS, WarmupCosine, steps_within_budget
+
+    config = tiny_config(tmp_path, tmp_path / "run", steps=1000, time_budget_s=100.0)
+    cpu = torch.device("cpu")
+    assert steps_within_budget(config, 20, 20, 10.0, cpu) == 200  # 90 s left at 0.5 s a step
+    assert steps_within_budget(config, 520, 20, 10.0, cpu) == 700  # resumed at 500: the same pace
+    assert steps_within_budget(config, 20, 20, 1.0, cpu) == 1000  # fits: the configured steps
+    assert steps_within_budget(config, 20, 20, 150.0, cpu) == 20  # already over: stop here
+    schedule = WarmupCosine(1000)
+    schedule.total_steps = 200
+    assert schedule(199) == pytest.approx(0.0, abs=1e-3)  # the shortened run still anneals to 0
+    studies = synthetic_studies(tmp_path)
+    result = train(tiny_config(studies, tmp_path / "run", steps=1000, val_every=500, time_budget_s=1e-3))
+    assert read_config(result["last"])["step"] == BUDGET_PROBE_STEPS  # over budget after the probe: stopped, validated

@@ -35,6 +35,8 @@ HELP = {
     "grad_clip": "max gradient norm (0: off)",
     "val_slices": "validate on at most N slices, a seeded draw keeping the mix of tumour and tumour-free slices "
                   "('none': all)",
+    "time_budget_s": "wall-clock budget of the training steps in seconds: after a few timed steps the run is "
+                     "shortened to what fits (the learning-rate schedule follows); validations come on top",
     "split": "reuse this split.json instead of making a new split",
     "all_data": "train on every case (no validation / test)",
     "amp": "mixed precision on GPU",

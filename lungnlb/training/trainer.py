@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -71,6 +72,7 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 200
     val_slices: int | None = None  # validate on at most this many slices (a seeded draw keeping the mix)
+    time_budget_s: float | None = None  # wall-clock budget of the training steps: fewer steps when they would not fit
     split: str | None = None
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -173,16 +175,35 @@ def data_summary(studies: str, samples: list[SliceSample], split: dict[str, Any]
             "split_seed": split.get("seed"), "held_out_cases": {k: split["cases"][k] for k in ("val", "test")}}
 
 
-def _lr_lambda(total_steps: int):
-    warmup = max(1, int(0.05 * total_steps))
+class WarmupCosine:
+    """LR factor: linear warm-up over 5% of the steps, then cosine to 0 at `total_steps`, which a
+    time budget may lower once the step time is known (the schedule then still ends at 0)."""
 
-    def factor(step: int) -> float:
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        warmup = max(1, int(0.05 * self.total_steps))
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = (step - warmup) / max(1, self.total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    return factor
+
+BUDGET_PROBE_STEPS = 20  # steps timed before a time budget fixes the run's length
+
+
+def steps_within_budget(config: TrainConfig, step: int, done: int, seconds: float, device: torch.device,
+                        world_size: int = 1) -> int:
+    """The run's last step, once the `done` steps up to `step` took `seconds`: `config.steps`, or
+    earlier when the rest would overrun `config.time_budget_s` at that pace (all ranks get rank 0's)."""
+    remaining = config.time_budget_s - seconds
+    last = min(config.steps, step + max(0, int(remaining * done / max(seconds, 1e-9))))
+    if world_size > 1:
+        shared = torch.tensor([last], dtype=torch.long, device=device)
+        dist.broadcast(shared, src=0)
+        last = int(shared.item())
+    return max(last, step)
 
 
 def _infinite_batches(loader: DataLoader, sampler: WeightedShardSampler, epoch: int):
@@ -332,7 +353,8 @@ def fit(
     criterion = MultiTaskLoss(config.seg_weight if segmentation else 0.0, config.cls_weight, pos_weight,
                               batch_dice=config.patch_size is not None).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps))
+    schedule = WarmupCosine(config.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     use_amp = config.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -359,12 +381,18 @@ def fit(
     def save(name: str, metrics: dict[str, Any]) -> None:
         save_checkpoint(out / name, model, checkpoint_config(config, data.summary, metrics, step, mapping))
 
-    while step < config.steps:
+    started, first_step, total = time.monotonic(), step, config.steps
+    while step < total:
         network.train()
         batch = {key: value.to(device) for key, value in next(batches).items()}
         loss, parts = train_step(network, batch, criterion, optimizer, scaler, config.grad_clip, use_amp)
         scheduler.step()
         step += 1
+        if config.time_budget_s is not None and step - first_step == BUDGET_PROBE_STEPS:
+            total = schedule.total_steps = steps_within_budget(
+                config, step, step - first_step, time.monotonic() - started, device, world_size)
+            if bar is not None:
+                bar.total = total
         running = float(loss.detach()) if running is None else 0.95 * running + 0.05 * float(loss.detach())
         if rank == 0:
             if writer is not None:
@@ -372,7 +400,7 @@ def fit(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.3f}", **_short(best_metrics))
-            if step % config.val_every == 0 or step == config.steps:
+            if step % config.val_every == 0 or step == total:
                 metrics = validation_metrics(model, data.val, device, windows) if data.val else {}
                 if writer is not None:
                     _log(writer, "val", {k: v for k, v in metrics.items() if isinstance(v, float)}, step)
@@ -388,7 +416,7 @@ def fit(
                     "best_metrics": json.dumps(best_metrics)})
                 if on_validation is not None:
                     on_validation(Validation(step, running, metrics, best_metrics, improved))
-        if world_size > 1 and (step % config.val_every == 0 or step == config.steps):
+        if world_size > 1 and (step % config.val_every == 0 or step == total):
             dist.barrier()
     if bar is not None:
         bar.close()
