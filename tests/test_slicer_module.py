@@ -3,9 +3,9 @@ logic (the `slicer-core` wheel: Slicer's libraries without Qt), against LungNLBL
 
 What is real here: the scene, volume / segmentation / slice / markups nodes, Slicer's NIfTI reader (the
 Volumes logic), the Segmentations logic (import, export, segment IDs), slicer.util. What is stood in for,
-as small as the module allows: `qt` (the logic uses none of it), ScriptedLoadableModule's base classes
-(the parameter node is made as Slicer 5.2 makes it), slicer.app (a settings path and a layout manager that
-hands out the Red slice node) and slicer.modules (the two logics). Widgets, the Segment Editor and the
+as small as the module allows (slicer_extension/LungNLB/Testing/headless.py): `qt` (the logic uses none of
+it), ScriptedLoadableModule's base classes (the parameter node is made as Slicer 5.2 makes it), slicer.app
+(a settings path and a layout manager that hands out the Red slice node) and slicer.modules (the two logics). Widgets, the Segment Editor and the
 GUI-thread timers are not exercised; the worker threads are, through BackgroundTask.
 
 `slicer-core` is in the `slicer` extra that scripts/setup.sh installs: without it this file fails (the
@@ -14,7 +14,6 @@ import below), it does not skip.
 
 import sys
 import types
-import unittest
 from pathlib import Path
 
 import numpy as np
@@ -23,83 +22,14 @@ import pytest
 import slicer  # noqa: E402  (slicer-core; `pip install -e .[slicer]`)
 import slicer.util  # noqa: E402
 
+from Testing import headless  # slicer_extension/LungNLB/Testing/headless.py: the stand-ins
+
 MODULE_DIR = Path(__file__).resolve().parents[1] / "slicer_extension" / "LungNLB"
-
-
-class _Logic:
-    """ScriptedLoadableModuleLogic as Slicer 5.2 defines it, reduced to the singleton parameter node."""
-
-    def __init__(self, parent=None):
-        self.moduleName = self.__class__.__name__[: -len("Logic")]
-
-    def getParameterNode(self):
-        node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
-        if node is None:
-            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
-            node.UnRegister(None)
-            node.SetSingletonTag(self.moduleName)
-            node.SetAttribute("ModuleName", self.moduleName)
-            node = slicer.mrmlScene.AddNode(node)
-        return node
-
-
-class _SliceWidget:
-    def __init__(self, node):
-        self._node = node
-
-    def mrmlSliceNode(self):
-        return self._node
-
-
-class _LayoutManager:
-    def sliceWidget(self, name):
-        node = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNode" + name)  # Slicer's IDs for its slice views
-        return _SliceWidget(node) if node is not None else None
-
-
-def _install_stand_ins(tmp_path):
-    sys.modules.setdefault("qt", types.ModuleType("qt"))
-    base = types.ModuleType("slicer.ScriptedLoadableModule")
-    base.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {"__init__": lambda self, parent=None: None})
-    base.ScriptedLoadableModuleWidget = type("ScriptedLoadableModuleWidget", (), {"__init__": lambda self, parent=None: None})
-    base.ScriptedLoadableModuleLogic = _Logic
-    base.ScriptedLoadableModuleTest = unittest.TestCase
-    sys.modules["slicer.ScriptedLoadableModule"] = base
-    slicer.ScriptedLoadableModule = base
-
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    logics = {}
-    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
-                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
-        logic = cls()
-        logic.SetMRMLApplicationLogic(app_logic)
-        logic.SetMRMLScene(scene)
-        app_logic.SetModuleLogic(name, logic)
-        logics[name] = logic
-    slicer.mrmlScene = scene
-    slicer.app = types.SimpleNamespace(
-        slicerUserSettingsFilePath=str(tmp_path / "settings" / "Slicer.ini"),
-        layoutManager=lambda: _LayoutManager(),
-        applicationLogic=lambda: app_logic,  # the module logics keep a raw pointer to it: it must outlive them
-    )
-    slicer.modules = types.SimpleNamespace(
-        volumes=types.SimpleNamespace(logic=lambda: logics["Volumes"]),
-        segmentations=types.SimpleNamespace(logic=lambda: logics["Segmentations"]),
-    )
-    red = slicer.vtkMRMLSliceNode()
-    red.SetSingletonTag("Red")
-    red.SetName("Red")
-    red.SetLayoutName("Red")
-    red.SetOrientationToAxial()
-    red = scene.AddNode(red)
-    return scene, red
 
 
 @pytest.fixture()
 def module(tmp_path, monkeypatch):
-    scene, red = _install_stand_ins(tmp_path)
+    scene, red = headless.install(tmp_path / "settings" / "Slicer.ini")
     sys.modules.pop("LungNLB", None)
     import LungNLB
 
