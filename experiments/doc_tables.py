@@ -7,7 +7,8 @@ A section stands between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in on
 `SECTIONS` says which file and which function renders it from which result files. Each section
 names its result files with their date and commit; the run that made a file is its own command
 (`experiments.paper_tables`, `experiments.gpu_reference`, `experiments.patient_cv`,
-`experiments.shipped_evaluation`, `benchmarks.speed`, `benchmarks.watershed_quality`), which writes
+`experiments.shipped_evaluation`, `experiments.intensity_fit`, `benchmarks.speed`,
+`benchmarks.watershed_quality`), which writes
 the file; this command only turns files into tables, so a table cannot drift from its file
 (`tests/test_doc_tables.py`).
 """
@@ -185,6 +186,67 @@ def watershed_quality() -> str:
     return _source(path) + "\n\n```\n" + printed.getvalue().rstrip("\n") + "\n```"
 
 
+def _signed(value: float) -> str:
+    """-29.4 -> "−29", 0.9 -> "+1", -0.2 -> "−0" (the sign says which side of the truth)."""
+    return f"{'−' if value < 0 else '+'}{abs(value):.0f}"
+
+
+def intensity_crops() -> str:
+    """HU rules for the 8-bit LIDC crops: per-patient error of one line against the anchored rule."""
+    path = EXPERIMENTS / "intensity_fit.json"
+    rules = _load(path)["crops8bit"]["rules"]
+    bands = list(rules["lung_anchored"]["error_by_true_hu_band"])
+    lines = [_source(path), "",
+             f"| rule (per-patient mean error, HU, {rules['lung_anchored']['per_patient_error_hu']['patients']} patients) "
+             "| median | 90th pct | max | " + " | ".join(band.replace("-", "−") for band in bands) + " |",
+             "|---|---|---|---|" + "---|" * len(bands)]
+    line = rules["fixed_linear"]["constants"]
+    labels = {"fixed_linear": f"one line, `HU = {line['slope']:.2f} v − {abs(line['intercept']):.0f}`",
+              "lung_anchored": f"parenchyma-anchored, slope {rules['lung_anchored']['constants']['slope']:.2f}"
+                               + (" (used)" if rules["library"]["constants"] == rules["lung_anchored"]["constants"] else "")}
+    for key, label in labels.items():
+        error = rules[key]["per_patient_error_hu"]
+        lines.append(f"| {label} | {error['median']:.0f} | {error['p90']:.0f} | {error['max']:.0f} | "
+                     + " | ".join(f"{rules[key]['error_by_true_hu_band'][band]:.0f}" for band in bands) + " |")
+    return "\n".join(lines)
+
+
+def intensity_npz() -> str:
+    """HU rules for the normalised LIDC npz slices, per patient, with the parenchyma's offset."""
+    path = EXPERIMENTS / "intensity_fit.json"
+    patients = _load(path)["normalized"]["per_patient"]
+    columns = ("pooled_linear", "lung_anchored", "lung_anchored_leave_patient_out")
+    lines = [_source(path), "", "| patient | pooled line | landmarks | landmarks, leave patient out |", "|---|---|---|---|"]
+    for patient, result in patients.items():
+        lines.append(f"| {patient} | " + " | ".join(
+            f"{result[c]['mean_error_hu']:.0f} (lung {_signed(result[c]['parenchyma_offset_hu'])})" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def mediastinal_window() -> str:
+    """Whether tumour and neighbouring soft tissue both clip in the lung window."""
+    path = EXPERIMENTS / "intensity_fit.json"
+    result = _load(path)["mediastinal_window"]
+    vois, boxes = result["vois"], result["lung_pet_ct_dx_boxes"]
+    top = f"{result['lung_window_top_hu']:+.0f}"
+
+    def contrast(c: dict) -> str:
+        return f"{c['lung_window_median']:.3f} / {c['mediastinal_window_median']:.3f}"
+
+    def merged(c: dict) -> str:
+        return f"{round(c['share_merged_by_lung_window'] * c['n'])} of {c['n']}"
+
+    lines = [_source(path), "",
+             f"| | tumour pixels above {top} HU | tumour vs soft tissue next to it (median, input units): lung / "
+             f"mediastinal window | pairs both above {top} HU |", "|---|---|---|---|",
+             f"| LIDC VOIs, majority masks ({vois['nodules']} nodules; {vois['contrast']['n']} with soft tissue within "
+             f"2 voxels) | {100 * vois['share_above_top']:.1f} % ({vois['nodules_with_over_5pc_saturated']} nodules over "
+             f"5 %: calcification) | {contrast(vois['contrast'])} | {merged(vois['contrast'])} |",
+             f"| Lung-PET-CT-Dx boxes, pixels > −300 HU ({boxes['contrast']['n']} boxes, ring of 10 px) "
+             f"| {100 * boxes['share_above_top']:.1f} % | {contrast(boxes['contrast'])} | {merged(boxes['contrast'])} |"]
+    return "\n".join(lines)
+
+
 DOCS = ROOT / "docs"
 SECTIONS: dict[str, tuple[Path, Callable[[], str]]] = {
     "shipped-evaluation": (DOCS / "results.md", shipped_evaluation),
@@ -194,6 +256,9 @@ SECTIONS: dict[str, tuple[Path, Callable[[], str]]] = {
     "patient-cv": (DOCS / "results.md", patient_cv),
     "speed": (DOCS / "method.md", speed),
     "watershed-quality": (DOCS / "labels.md", watershed_quality),
+    "intensity-crops": (DOCS / "data.md", intensity_crops),
+    "intensity-npz": (DOCS / "data.md", intensity_npz),
+    "mediastinal-window": (DOCS / "data.md", mediastinal_window),
 }
 
 
