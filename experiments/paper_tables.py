@@ -50,7 +50,8 @@ PAPER_BASELINE_F1 = 0.784  # "S-L NLB F1 0.863 vs 0.784" (the best plain / self-
 BUDGETS = {
     "smoke": {"input_size": 128, "steps": 2, "batch_size": 2, "lr": 1e-3, "seeds": [0], "rows": ["unet", "unet_sl_nlb"],
               "max_cases": 1, "chebyshev": False, "workers": 0},
-    # 300 steps: ~12 s per step for all 11 rows x 3 seeds on two idle cores, ~70 min in all
+    # 300 steps: what all 11 rows x 3 seeds fit into one working session of two CPU cores (the wall time it
+    # took is in docs/results.md)
     "cpu": {"input_size": 128, "steps": 300, "batch_size": 4, "lr": 2e-3, "seeds": [0, 1, 2], "rows": ROWS,
             "max_cases": None, "chebyshev": True, "workers": 0},
     # a GPU step is short (experiments/gpu_reference.py measures it): CPU augmentation needs workers to keep up

@@ -36,6 +36,6 @@ studies="${LUNGNLB_STUDIES:-runs/sample_studies}"
 [ -d "$studies" ] || { mkdir -p "$(dirname "$studies")" && cp -r sample_data/studies "$studies"; }
 # monailabel's launcher runs the first `python` on PATH: make it the venv's.
 export PATH="$PWD/.venv/bin:$PATH"
-# huge pages for torch's large CPU tensors (lungnlb/runtime.py): ~30% faster 512 x 512 inference
+# huge pages for torch's large CPU tensors (lungnlb/runtime.py): fewer page faults per forward, measured in docs/method.md
 export THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"
 exec monailabel start_server --app apps/lungnlb --studies "$studies" --host "$host" --conf models all ${args[@]+"${args[@]}"}

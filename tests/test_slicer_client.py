@@ -33,7 +33,7 @@ SMALL_MODEL = {"name": "unet_sl_nlb", "kwargs": {"features": [8, 8, 16, 16, 32, 
 SMALL_INPUT = [128, 128]
 STARTUP_TIMEOUT_S = 180
 TRAIN_TIMEOUT_S = 300
-pytestmark = pytest.mark.slow  # one real server start (~30-40 s on 2 cores) and a training run
+pytestmark = pytest.mark.slow  # one real server start and a training run, each beyond the slow marker's bound
 
 ATTRIBUTION = "Armato SG III et al., Data From LIDC-IDRI, TCIA 2015, doi:10.7937/K9/TCIA.2015.LO9QL9SX (CC BY 3.0)"
 
