@@ -8,6 +8,9 @@ Benchmarks, experiments, the app and the tests sit above the library and are not
 from __future__ import annotations
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,32 @@ def test_no_code_outside_tests_edits_sys_path():
     assert len(files) > 50, "the scan found too few files to mean anything"
     editing = [str(p.relative_to(REPO)) for p in files if _edits_sys_path(ast.parse(p.read_text(encoding="utf-8")))]
     assert not editing, f"these edit sys.path: {editing}"
+
+
+# a measured time, a speed-up or a date: these belong in a result file with its date and commit
+NOTEBOOK = re.compile(r"\b\d+(\.\d+)? ?(ms|s|sec|min|µs)\b|\b20\d\d-\d\d(-\d\d)?\b|\b\d+(\.\d+)? ?(x|%) (faster|slower)\b")
+
+
+def _notebook_comments(text: str, python: bool) -> list[str]:
+    if python:
+        tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+        comments = [t.string for t in tokens if t.type == tokenize.COMMENT]
+    else:  # shell: whole-line and trailing comments
+        comments = [line[line.index("#"):] for line in text.splitlines() if line.lstrip().startswith("#") or " # " in line]
+    return [c for c in comments if NOTEBOOK.search(c)]
+
+
+def test_the_probe_sees_a_timing_or_a_date():
+    assert _notebook_comments("x = 1  # 12.5 ms on two cores\n", True)
+    assert _notebook_comments("# run of 2026-11-29\n", True)
+    assert _notebook_comments("export A=1  # ~30 % faster\n", False)
+    assert not _notebook_comments("timeout_s = 5.0  # the client gives up after this\n", True)
+
+
+def test_no_code_comment_carries_a_timing_or_a_date():
+    """Comments say why; a figure in a comment goes stale without anyone rerunning it."""
+    files = [p for p in REPO.rglob("*") if p.suffix in (".py", ".sh") and p.is_file()
+             and not NOT_CODE & set(p.relative_to(REPO).parts)]
+    found = {str(p.relative_to(REPO)): hits for p in files
+             if (hits := _notebook_comments(p.read_text(encoding="utf-8"), p.suffix == ".py"))}
+    assert not found, f"timings or dates in comments: {found}"
