@@ -31,7 +31,6 @@ slices; rank 0 validates and publishes.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -51,10 +50,16 @@ from lib.trainers.fit import SegmentationFit, TrainJob, fit_distributed
 from lib.trainers.guard import TrainerLock, is_task_subprocess, watch_server
 from lib.trainers.slices import datastore_slices
 from lungnlb.checkpoint import build_from_config, load_model
+from lungnlb.io.intensity import IntensityMapping
 from lungnlb.training.dataset import SliceSample
+from lungnlb.training.trainer import TrainConfig
 
-DEFAULT_NETWORK = {"model": {"name": "unet_sl_nlb", "kwargs": {}, "in_channels": 1}, "input_size": [256, 256],
-                   "intensity": {"window": None}, "threshold": 0.5}
+def fresh_network() -> dict[str, Any]:
+    """The config of a fresh model, for a run with no weights to start from: the library's default
+    network and input size (`TrainConfig`) and intensity mapping."""
+    defaults = TrainConfig(data="", out="")
+    return {"model": {"name": defaults.model, "kwargs": dict(defaults.model_kwargs), "in_channels": 1},
+            "input_size": [defaults.input_size] * 2, "intensity": IntensityMapping().as_config(), "threshold": 0.5}
 
 
 class NLBSegmentationTrain(TrainTask):
@@ -109,7 +114,7 @@ class NLBSegmentationTrain(TrainTask):
     def prepare(self, req: dict[str, Any], datastore) -> TrainJob:
         """The run's starting model (published > configured > shipped > fresh), its slices and record."""
         start_path = self.store.checkpoint_path()
-        model, model_config = load_model(start_path) if start_path else (None, copy.deepcopy(DEFAULT_NETWORK))
+        model, model_config = load_model(start_path) if start_path else (None, fresh_network())
         model = model if model is not None else build_from_config(model_config)
         slices = datastore_slices(datastore, self.app_config, model_config, float(req["original_weight"]))
         if not slices:
