@@ -8,10 +8,8 @@ of two forms, chosen by the checkpoint:
   mask probabilities back to the slice's own size (bilinear); the slice probability is
   sigmoid(cls logit - cls_logit_offset).
 * native-resolution models (config ``patch_size``, trained on patches at the scanner's pixel size):
-  MONAI's sliding window over each slice at its own size, within the box of the lungs (widened by
-  half a window: nodules on the pleura lie at the lungs' edge) or, where no lungs are found (a
-  nodule crop), the box of the patient's body (air around it is never a tumour); windows of
-  ``patch_size`` overlapping by a quarter, blended
+  MONAI's sliding window over each slice at its own size, within the box of the patient's body
+  (air around it is never a tumour), windows of ``patch_size`` overlapping by a quarter, blended
   with a Gaussian, padded with air where the box is smaller than a window;
   predicted components smaller than ``min_component_pixels`` are removed, and the slice
   probability is the highest remaining mask probability, so a slice is called tumour exactly
@@ -51,7 +49,6 @@ class PredictionResult:
 MIN_COMPONENT_PIXELS = 10  # a 3 mm nodule at 0.7-0.8 mm pixels covers ~12 pixels
 WINDOW_OVERLAP = 0.25
 WINDOW_BATCH = 32  # windows per forward pass: small windows leave the CPU's matrix kernels idle in small batches
-LUNG_BOX_MIN_WINDOWS = 4  # slices narrower than this many windows (nodule crops) are covered whole
 BODY_MARGIN = 0.05  # model-input units above air: windows are laid over the patient, not the air around
 
 
@@ -176,7 +173,7 @@ class Predictor:
                                        mode="gaussian", padding_mode="constant", cval=air)
         probability = np.zeros(volume.shape, dtype=np.float32)
         for z in range(volume.shape[0]):
-            box = self.window_region(volume[z])
+            box = body_box(volume[z], air + BODY_MARGIN)
             if box is None:
                 continue
             region = np.ascontiguousarray(volume[z][box], dtype=np.float32)
@@ -185,19 +182,6 @@ class Predictor:
         minimum = int(self.config.get("min_component_pixels", MIN_COMPONENT_PIXELS))
         probability *= remove_small_components(probability > self.threshold, minimum)
         return probability, probability.reshape(len(probability), -1).max(axis=1, initial=0.0)
-
-    def window_region(self, plane: np.ndarray) -> tuple[slice, slice] | None:
-        """Where the sliding window runs on one slice: the lungs' box, else the body's, None for air only."""
-        from lungnlb.labels.lung_region import lung_box
-
-        body = body_box(plane, self.air() + BODY_MARGIN)
-        if body is None or min(plane.shape) < LUNG_BOX_MIN_WINDOWS * self.patch_size[0]:
-            return body  # a crop: too small for a lung mask to be meaningful, and cheap anyway
-        lungs = lung_box(plane, margin=self.patch_size[0] // 2)
-        if lungs is None:
-            return body
-        both = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(body, lungs))
-        return both if all(part.stop > part.start for part in both) else body
 
 
 def body_box(plane: np.ndarray, level: float) -> tuple[slice, slice] | None:

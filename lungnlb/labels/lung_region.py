@@ -1,5 +1,4 @@
-"""A rough lung mask of a CT slice in the model's input range: where the app's uncertainty is
-measured, and the box a native-resolution model's sliding window covers (`lung_box`).
+"""A rough lung mask of a CT slice in the model's input range, to restrict uncertainty to the lungs.
 
 Per slice: Otsu's threshold separates dark (air, lung) from bright (body) pixels; the dark
 connected components that do not touch the image border are the lungs; holes are filled so that
@@ -25,16 +24,3 @@ def lung_region(slice01: np.ndarray) -> np.ndarray:
         return np.ones(slice01.shape, dtype=bool)
     return ndimage.binary_fill_holes(inner)
 
-
-def lung_box(slice01: np.ndarray, margin: int, min_fraction: float = 0.01) -> tuple[slice, slice] | None:
-    """The bounding box of the lungs of an (H, W) slice, widened by ``margin`` pixels on every side
-    (nodules on the pleura or the mediastinum lie at the lungs' edge), or None when no lung region
-    of at least ``min_fraction`` of the slice is found (a nodule crop, a slice above the lungs: the
-    caller keeps its wider region)."""
-    lungs = lung_region(slice01)
-    if lungs.all() or lungs.sum() < min_fraction * lungs.size:
-        return None
-    rows, columns = np.flatnonzero(lungs.any(axis=1)), np.flatnonzero(lungs.any(axis=0))
-    height, width = lungs.shape
-    return (slice(max(0, rows[0] - margin), min(height, rows[-1] + 1 + margin)),
-            slice(max(0, columns[0] - margin), min(width, columns[-1] + 1 + margin)))
