@@ -10,7 +10,9 @@ mask and attribution are kept, so `lungnlb.training.split` puts every case in th
 in the full folder (splits are by case).
 
 With ``--split SPLIT --subsets train val`` only the cases of those subsets are written (the test
-patients of a GPU run need not, and should not, travel).
+patients of a GPU run need not, and should not, travel); ``--native-patches`` keeps only what
+native-resolution training uses, cut to the body (scripts/gpu_train.sh: under the 64 MiB a device
+call carries, with the wheels).
 
     python -m experiments.compact_studies /tmp/lungnlb-paper-studies .gpu/studies
 """
@@ -33,11 +35,13 @@ from lungnlb.data.studies import (
 )
 from lungnlb.io import read_image
 from lungnlb.io.image import axial_affine
-from lungnlb.io.intensity import to_model_input
+from lungnlb.inference import BODY_MARGIN, body_box
+from lungnlb.io.intensity import IntensityMapping, to_model_input
 from lungnlb.io.volume import nifti_bytes
 from lungnlb.training.split import load_split
 
 KEPT_KEYS = ("case", "source", "attribution", "label_method", "class_name")
+NATIVE_MARGIN = 32  # half of the shipped 64-pixel patch: every patch centred in the body keeps its context
 
 
 def write_uint8(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -46,25 +50,45 @@ def write_uint8(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     path.write_bytes(gzip.compress(nifti_bytes(array, affine, np.uint8), compresslevel=9))
 
 
-def compact_image(studies: Path, record: dict, out: Path) -> int:
-    """Write the labelled slices of one prepared image into `out`; returns how many."""
+def compact_image(studies: Path, record: dict, out: Path, native_patches: bool = False) -> int:
+    """Write the labelled slices of one prepared image into `out`; returns how many.
+
+    ``native_patches``: only the slices native-resolution training draws patches from (a lesion mask
+    or tumour-free, as `lungnlb.training.trainer.load_training_set` keeps), each cut to the box of
+    the body widened by half a patch (the air around a patient is what the trainer pads with)."""
     image = read_study_image(image_path(studies, record["image_id"]))
     mask_path = label_path(studies, record["image_id"])
     mask = read_image(mask_path).array > 0.5 if mask_path.is_file() else None
     model_input = to_model_input(image.array, record["intensity"])
     affine = axial_affine(image.spacing[-2:])
-    plan = slice_plan(record, mask, model_input.ndim)
-    for z, has_mask, label in plan:
+    written = 0
+    for z, has_mask, label in slice_plan(record, mask, model_input.ndim):
         image_id = record["image_id"] if model_input.ndim == 2 else f"{record['image_id']}_z{z:03d}"
         plane = model_input if model_input.ndim == 2 else model_input[z]
+        plane_mask = (mask if mask.ndim == 2 else mask[z]) if has_mask else None
+        if native_patches:
+            if not (label == 0 or (plane_mask is not None and plane_mask.any())):
+                continue
+            box = body_region(plane)
+            plane, plane_mask = plane[box], None if plane_mask is None else plane_mask[box]
         write_uint8(np.round(plane * 255), affine, image_path(out, image_id))
-        if has_mask:
-            write_uint8(mask if mask.ndim == 2 else mask[z], affine, label_path(out, image_id))
+        if plane_mask is not None:
+            write_uint8(plane_mask, affine, label_path(out, image_id))
         sidecar = {key: record.get(key) for key in KEPT_KEYS}
         sidecar.update(intensity="windowed8bit", class_label=label, labelled_slices=[0] if has_mask else [],
                        compacted_from={"image_id": record["image_id"], "z": z, "intensity": record["intensity"]})
         write_sidecar(out, image_id, sidecar)
-    return len(plan)
+        written += 1
+    return written
+
+
+def body_region(plane: np.ndarray, margin: int = NATIVE_MARGIN) -> tuple[slice, slice]:
+    """The body's box in a model-input plane widened by ``margin`` pixels (the whole plane for air only)."""
+    box = body_box(plane, IntensityMapping().air() + BODY_MARGIN)
+    if box is None:
+        return slice(None), slice(None)
+    return tuple(slice(max(0, part.start - margin), min(size, part.stop + margin))
+                 for part, size in zip(box, plane.shape))
 
 
 def main() -> None:
@@ -73,6 +97,8 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="new folder for the compact copy")
     parser.add_argument("--split", type=Path, help="a split.json: write only the cases of --subsets")
     parser.add_argument("--subsets", nargs="+", default=["train", "val"], choices=["train", "val", "test"])
+    parser.add_argument("--native-patches", action="store_true",
+                        help="only the slices native-resolution training uses, each cut to the body's box")
     args = parser.parse_args()
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"{args.out} exists and is not empty")
@@ -80,7 +106,7 @@ def main() -> None:
     if args.split:
         cases = {case for subset in args.subsets for case in load_split(args.split)["cases"][subset]}
         records = [record for record in records if record["case"] in cases]
-    slices = sum(compact_image(args.studies, record, args.out) for record in records)
+    slices = sum(compact_image(args.studies, record, args.out, args.native_patches) for record in records)
     size = sum(path.stat().st_size for path in args.out.rglob("*") if path.is_file())
     print(f"{slices} labelled slices -> {args.out} ({size / 2**20:.1f} MiB)")
 
