@@ -302,8 +302,9 @@ def test_cmake_lists_every_library_file_and_resource():
         assert resource in cmake
         assert (MODULE_DIR / resource.replace("${MODULE_NAME}", "LungNLB")).is_file()
     assert "slicerMacroBuildScriptedModule" in cmake
-    top = (MODULE_DIR.parent / "CMakeLists.txt").read_text(encoding="utf-8")
-    assert "add_subdirectory(LungNLB)" in top and "find_package(Slicer REQUIRED)" in top
+    top = (MODULE_DIR.parents[1] / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "add_subdirectory(slicer_extension/LungNLB)" in top and "find_package(Slicer REQUIRED)" in top
+    assert not (MODULE_DIR.parent / "CMakeLists.txt").exists()  # one top level: the repository's root
 
 
 # -- login, TLS and what an error says (issue 16, item 4) ---------------------------------------------------
@@ -414,17 +415,48 @@ def test_roi_box_maps_an_image_aligned_box_and_refuses_a_rotated_one():
 # -- packaging (issue 16, item 10) --------------------------------------------------------------------------
 
 
+S4EXT_KEYS = ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors", "category",
+              "iconurl", "status", "description", "screenshoturls", "enabled")  # Slicer's s4ext template, in its order
+CATALOG_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies", "build_subdirectory",
+                "enabled", "tier"}  # slicer-extension-catalog-entry-schema-v1.0.1.json (additionalProperties: false)
+
+
+def _cmake_set(text, name):
+    import re
+
+    match = re.search(r'^set\({} "([^"]*)"\)'.format(name), text, re.M)
+    assert match, name + " is not set"
+    return match.group(1)
+
+
 def test_extension_description_files_fit_slicers_extension_index():
     root = MODULE_DIR.parent
-    s4ext = dict(line.split(" ", 1) for line in (root / "LungNLB.s4ext").read_text().splitlines() if line and not line.startswith("#") and " " in line)
-    assert s4ext["build_subdirectory"].strip() == "."  # the inner build folder of a superbuild, not a source folder
+    repository = root.parent
+    lines = [line for line in (root / "LungNLB.s4ext").read_text().splitlines() if line and not line.startswith("#")]
+    s4ext = dict((line.split(" ", 1) + [""])[:2] for line in lines)
+    assert tuple(s4ext) == S4EXT_KEYS
+    assert s4ext["build_subdirectory"] == "."  # the inner build folder of a superbuild, not a source folder
+    top = (repository / "CMakeLists.txt").read_text()
+    assert "EXTENSION_BUILD_SUBDIRECTORY" not in top  # only superbuild extensions set it
+    for key, variable in (("homepage", "HOMEPAGE"), ("contributors", "CONTRIBUTORS"), ("category", "CATEGORY"),
+                          ("iconurl", "ICONURL"), ("description", "DESCRIPTION"), ("screenshoturls", "SCREENSHOTURLS"),
+                          ("depends", "DEPENDS")):
+        assert s4ext[key] == _cmake_set(top, "EXTENSION_" + variable), key
+    assert s4ext["enabled"] == "1" and s4ext["scm"] == "git"
     description = json.loads((root / "LungNLB.json").read_text())
     assert description["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
-    assert {"category", "scm_url"} <= set(description) and description["build_subdirectory"] == "."
-    assert description["scm_url"] == s4ext["scmurl"].strip() and description["category"] == s4ext["category"].strip()
-    assert "Apache License" in (root / "LICENSE.txt").read_text()
-    top = (root / "CMakeLists.txt").read_text()
-    assert "EXTENSION_BUILD_SUBDIRECTORY" not in top  # only superbuild extensions set it
+    assert set(description) <= CATALOG_KEYS and {"category", "scm_url"} <= set(description)
+    assert description["build_subdirectory"] == "." and 1 <= description["tier"] <= 5
+    assert description["scm_url"] == s4ext["scmurl"] and description["category"] == s4ext["category"]
+    assert description["scm_revision"] == s4ext["scmrevision"]
+    # the license and readme CPack packs, the icon and the screenshots the URLs name, in this repository
+    assert "Apache License" in (repository / _cmake_set(top, "EXTENSION_LICENSE_FILE").split("}/")[1]).read_text()
+    assert (repository / _cmake_set(top, "EXTENSION_README_FILE").split("}/")[1]).is_file()
+    raw = "https://raw.githubusercontent.com/lungnlb/lungnlb/main/"
+    for url in [s4ext["iconurl"]] + s4ext["screenshoturls"].split():
+        assert url.startswith(raw)
+        image = (repository / url[len(raw):]).read_bytes()
+        assert image[:8] == b"\x89PNG\r\n\x1a\n", url
     module = (MODULE_DIR / "LungNLB.py").read_text()
     self_test = module[module.index("class LungNLBTest"):]
     assert "FakeServer" in self_test and "LUNGNLB_SERVER_URL" not in self_test  # the ctest needs no live server

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import qt

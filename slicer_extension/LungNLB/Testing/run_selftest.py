@@ -1,8 +1,9 @@
 """Run the LungNLB module's self-test (Slicer needs its main window: the test uses the Red slice view) and exit with its result (0 passed, 1 failed).
 
-    LUNGNLB_SERVER_URL=http://127.0.0.1:8000 Slicer \
-        --additional-module-paths slicer_extension/LungNLB \
+    Slicer --additional-module-paths slicer_extension/LungNLB \
         --python-script slicer_extension/LungNLB/Testing/run_selftest.py
+
+The test runs against the in-process fake server of LungNLBLib.testing: no live server, no weights.
 """
 
 import traceback
