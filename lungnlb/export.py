@@ -72,11 +72,25 @@ def export_torchscript(checkpoint: str | os.PathLike, path: str | os.PathLike) -
 
 
 def inference_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The bundle's configs/inference.json for a checkpoint config."""
-    from lungnlb.io.intensity import LUNG_WINDOW, window_bounds
+    """The bundle's configs/inference.json for a checkpoint config: for a native-resolution
+    checkpoint (``patch_size``) the deployed form of `Predictor` — MONAI's Gaussian sliding window at
+    the slice's own size, air padding, components under `MIN_COMPONENT_PIXELS` removed — else the
+    slice resized to ``input_size`` for one forward pass."""
+    from lungnlb.inference import MIN_COMPONENT_PIXELS, WINDOW_BATCH, WINDOW_OVERLAP
+    from lungnlb.io.intensity import LUNG_WINDOW, IntensityMapping, window_bounds
 
     low, high = window_bounds(tuple((config.get("intensity") or {}).get("window") or LUNG_WINDOW))
     size = [int(v) for v in config["input_size"]]
+    native = "patch_size" in config
+    resize = [] if native else [{"_target_": "Resized", "keys": "image", "spatial_size": size, "mode": "bilinear"}]
+    inferer = {"_target_": "SimpleInferer"}
+    small = []
+    if native:
+        inferer = {"_target_": "SlidingWindowInferer", "roi_size": [int(v) for v in config["patch_size"]],
+                   "sw_batch_size": WINDOW_BATCH, "overlap": WINDOW_OVERLAP, "mode": "gaussian",
+                   "padding_mode": "constant", "cval": IntensityMapping.from_config(config.get("intensity")).air()}
+        minimum = int(config.get("min_component_pixels", MIN_COMPONENT_PIXELS))
+        small = [{"_target_": "RemoveSmallObjectsd", "keys": "pred", "min_size": minimum, "connectivity": 2}]
     return {
         "imports": ["$import torch", "$import lungnlb.export"],
         "bundle_root": ".",
@@ -99,13 +113,13 @@ def inference_config(config: dict[str, Any]) -> dict[str, Any]:
                 {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": low, "a_max": high,
                  "b_min": 0.0, "b_max": 1.0, "clip": True},
                 {"_target_": "Transposed", "keys": "image", "indices": [0, 2, 1]},
-                {"_target_": "Resized", "keys": "image", "spatial_size": size, "mode": "bilinear"},
+                *resize,
                 {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
             ],
         },
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "num_workers": 0},
-        "inferer": {"_target_": "SimpleInferer"},
+        "inferer": inferer,
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
@@ -113,6 +127,7 @@ def inference_config(config: dict[str, Any]) -> dict[str, Any]:
                  "nearest_interp": False, "to_tensor": True},
                 {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
                 {"_target_": "AsDiscreted", "keys": "pred", "threshold": float(config.get("threshold", 0.5))},
+                *small,
                 {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
                  "output_dtype": "$torch.uint8", "separate_folder": False, "resample": False},
             ],
@@ -135,7 +150,8 @@ def bundle_metadata(config: dict[str, Any]) -> dict[str, Any]:
 
     import lungnlb
 
-    size = [int(v) for v in config["input_size"]]
+    native = "patch_size" in config
+    size = [int(v) for v in config["patch_size" if native else "input_size"]]
     return {
         "version": lungnlb.__version__,
         "monai_version": monai.__version__,
@@ -150,10 +166,10 @@ def bundle_metadata(config: dict[str, Any]) -> dict[str, Any]:
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
                                  "spatial_shape": size, "dtype": "float32", "value_range": [0, 1],
-                                 "is_patch_data": False, "channel_def": {"0": "image"}}},
+                                 "is_patch_data": native, "channel_def": {"0": "image"}}},
             "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 1,
                                  "spatial_shape": size, "dtype": "float32", "value_range": [0, 1],
-                                 "is_patch_data": False, "channel_def": {"0": "tumour"}}},
+                                 "is_patch_data": native, "channel_def": {"0": "tumour"}}},
         },
         "checkpoint_metrics": config.get("metrics", {}),
     }
@@ -169,7 +185,9 @@ def _bundle_readme(config: dict[str, Any]) -> str:
         "--input_file IMAGE.nii.gz --output_dir OUT\n\n"
         "Writes `OUT/<name>_seg.nii.gz`, a uint8 mask with the input's geometry. Needs the `lungnlb` package "
         "(the network is built by `lungnlb.export.SegmentationOutput`).\n\n"
-        f"Input size {config['input_size']}, lung window of `lungnlb.io.intensity`, threshold "
+        + (f"Sliding window of {config['patch_size']} at the slice's own pixel size"
+           if "patch_size" in config else f"Input size {config['input_size']}")
+        + ", lung window of `lungnlb.io.intensity`, threshold "
         f"{config.get('threshold', 0.5)}.\n\n## Training data and licences\n\n{licences or '- unknown'}\n\n"
         "Research use only; not a medical device.\n"
     )

@@ -21,10 +21,13 @@ CONFIG = {"model": {"name": "unet_sl_nlb", "kwargs": TINY_KWARGS}, "input_size":
           "training_data": {"sources": {"synthetic": {"licence": "none"}}}}
 
 
-def tiny_checkpoint(tmp_path):
+NATIVE_CONFIG = {**CONFIG, "patch_size": [32, 32], "slice_size": 32}
+
+
+def tiny_checkpoint(tmp_path, config=CONFIG):
     torch.manual_seed(0)
     model = build_model("unet_sl_nlb", **TINY_KWARGS)
-    return save_checkpoint(tmp_path / "ckpt", model, CONFIG), model
+    return save_checkpoint(tmp_path / "ckpt", model, config), model
 
 
 def test_torchscript_matches_eager(tmp_path):
@@ -40,8 +43,11 @@ def test_torchscript_matches_eager(tmp_path):
 
 
 @pytest.mark.slow
-def test_monai_bundle_runs_on_a_nifti_slice(tmp_path):
-    weights, _ = tiny_checkpoint(tmp_path)
+@pytest.mark.parametrize("config", [CONFIG, NATIVE_CONFIG], ids=["whole_slice", "native"])
+def test_monai_bundle_runs_on_a_nifti_slice(tmp_path, config):
+    """The bundle predicts a slice as `Predictor` does: resized for a whole-slice checkpoint, by the
+    Gaussian sliding window with small components removed for a native-resolution one."""
+    weights, _ = tiny_checkpoint(tmp_path, config)
     bundle = export_bundle(weights, tmp_path / "bundle")
     for name in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "docs/README.md"):
         assert (bundle / name).is_file(), name
@@ -58,4 +64,7 @@ def test_monai_bundle_runs_on_a_nifti_slice(tmp_path):
     mask = read_image(written[0]).array
     assert mask.shape == hu.shape
     expected = Predictor.from_checkpoint(weights).predict(hu, "hu").probability > 0.5
+    assert 0.01 < expected.mean() < 0.99, "the untrained model should mark some pixels and not others"
     assert np.mean((mask > 0.5) == expected) > 0.99
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert inference["inferer"]["_target_"] == ("SlidingWindowInferer" if "patch_size" in config else "SimpleInferer")
