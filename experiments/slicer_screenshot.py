@@ -9,7 +9,8 @@ label and runs *Segment current slice*; the figure draws that CT slice with the 
 (red) and the radiologists' label (green), the slice's tumour probability as the module's table has it, and
 their Dice.
 
-    .venv/bin/python -m experiments.slicer_screenshot      # -> slicer_extension/Screenshots/LungNLB-1.png
+    PYTHONPATH=slicer_extension/LungNLB .venv/bin/python -m experiments.slicer_screenshot
+                                          # -> slicer_extension/Screenshots/LungNLB-1.png (+ .json)
 
 The series is LIDC-IDRI-0003's in ../shared/data (a test case of the shipped weights' split,
 `training_data.held_out_cases`: never trained on).
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -48,8 +48,10 @@ def prepare_held_out(patient: str, studies: Path) -> None:
 
 def run_module(studies: Path, work: Path):
     """The module's logic against a real server: load the one sample, segment the slice shown."""
-    sys.path.insert(0, str(REPO / "slicer_extension" / "LungNLB"))
-    from Testing import headless
+    try:
+        from Testing import headless
+    except ImportError:
+        raise SystemExit("the Slicer module is not importable: run with PYTHONPATH=slicer_extension/LungNLB") from None
 
     headless.install(work / "settings" / "Slicer.ini")
     import LungNLB
