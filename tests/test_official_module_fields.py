@@ -49,8 +49,9 @@ def test_every_task_gives_the_official_module_what_it_reads(tmp_path):
 
 
 def test_train_stats_give_the_official_module_progress_and_accuracy(tmp_path, monkeypatch):
-    """During a run `epoch` counts the epochs done of the planned `total_epochs`; `best_metric` is the best
-    validation Dice so far (the app's own `best_val_dice`)."""
+    """During a run `epoch` counts the epochs done of the planned `total_epochs`; `best_metric` is the
+    validation Dice of the best epoch so far (the app's own `best_val_dice`); `total_time` comes only
+    with the run's publish decision."""
     import torch
     from lib.monailabel_private import train_tasks
     from lib.trainers.fit import SegmentationFit
@@ -62,8 +63,8 @@ def test_train_stats_give_the_official_module_progress_and_accuracy(tmp_path, mo
     seen = []
     write_stats = SegmentationFit._write_stats
 
-    def recording(self, *args):
-        write_stats(self, *args)
+    def recording(self, *args, **kwargs):
+        write_stats(self, *args, **kwargs)
         seen.append(app.info()["train_stats"]["lung_nlb_seg"])
 
     monkeypatch.setattr(SegmentationFit, "_write_stats", recording)
@@ -71,7 +72,7 @@ def test_train_stats_give_the_official_module_progress_and_accuracy(tmp_path, mo
     assert [(s["epoch"], s["total_epochs"]) for s in seen] == [(1, 2), (2, 2), (2, 2)]
     for stats in seen:
         assert isinstance(stats["best_metric"], float) and 0.0 <= stats["best_metric"] <= 1.0
-        assert stats["best_metric"] == stats["best_val_dice"] == max(e["val_dice"] for e in stats["epochs"])
+        assert stats["best_metric"] == stats["best_val_dice"] in [e["val_dice"] for e in stats["epochs"]]
     # its monitor shows `0 if total_time else epoch` epochs done: no total_time until the run has decided
     for stats in seen[:-1]:
         assert "total_time" not in stats and stats["elapsed_time"] >= 0

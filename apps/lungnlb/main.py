@@ -50,7 +50,6 @@ from lib.infers.watershed import WatershedInfer
 from lib.model_store import ModelStore
 from lib.pacs import PacsDatastore, cache_dir, is_pacs
 from lib.monailabel_private import infer_tasks, strategies
-from lib.official_module import official_train_stats
 from lib.provenance import ProvenanceDatastore
 from lib import uploads
 from lib.server import check_exposure, install_server_hooks, listen_host
@@ -119,7 +118,6 @@ class LungNLBApp(MONAILabelApp):
 
     def info(self) -> dict[str, Any]:
         meta = super().info()
-        meta["train_stats"] = {name: official_train_stats(stats) for name, stats in (meta.get("train_stats") or {}).items()}
         weights = self.store.status()
         meta["lungnlb"] = {"weights": weights, "conf": {k: str(v) for k, v in vars(self.app_config).items()}}
         datastore = self.datastore()

@@ -79,15 +79,19 @@ class SegmentationFit:
         if result["published"]:
             run["published_epoch"] = run.get("best_epoch")
             run["model_version"] = file_version(self.config.published_checkpoint)
-        self._write_stats(run, history, planned, result["metrics"].get("dice"))
+        self._write_stats(run, history, planned, result["metrics"].get("dice"), finished=True)
         tracker.close()
 
-    def _write_stats(self, run: dict, history: list[dict], planned_epochs: int, best_val_dice: float | None) -> None:
+    def _write_stats(self, run: dict, history: list[dict], planned_epochs: int, best_val_dice: float | None,
+                     finished: bool = False) -> None:
         """The stats `/info` shows. `epoch` (epochs done), `total_epochs` (planned) and `best_metric`
         are the names Slicer's official MONAI Label module reads for its progress and accuracy bars;
-        it multiplies `best_metric` as a number, so without a validation Dice it is left out."""
+        it multiplies `best_metric` as a number, so without a validation Dice it is left out, and it
+        shows ``0 if total_time else epoch`` epochs done, so the time so far is `elapsed_time` and
+        `total_time` is written once, with the run's publish decision."""
+        seconds = round(time.time() - run["start_ts"], 2)
         stats = {**run, "epochs": history, "epoch": len(history), "total_epochs": planned_epochs,
-                 "best_val_dice": best_val_dice, "total_time": round(time.time() - run["start_ts"], 2),
+                 "best_val_dice": best_val_dice, ("total_time" if finished else "elapsed_time"): seconds,
                  "published": str(self.config.published_checkpoint) if run.get("model_version") else None}
         if best_val_dice is not None:
             stats["best_metric"] = best_val_dice
