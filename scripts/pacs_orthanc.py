@@ -128,7 +128,7 @@ def inner_main(listen_fd: int, command: list[str]) -> int:
 # ---- outside: the loopback socket, the namespace, readiness and uploads ---------------------------
 def _namespace_prefix() -> list[str]:
     for prefix in (["unshare", "--net"], ["unshare", "--map-root-user", "--net"]):
-        if shutil.which("unshare") and subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+        if shutil.which("unshare") and subprocess.run([*prefix, "true"], capture_output=True, check=False).returncode == 0:
             return prefix
     raise SystemExit("pacs_orthanc: cannot create a network namespace (`unshare --net` needs root or unprivileged "
                      "user namespaces); Orthanc 1.10 would listen on every interface, so it is not started")

@@ -27,7 +27,6 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from lungnlb.io.dicom_seg import SegLabel, write_seg
 
 
-
 def _uid(*parts: str) -> str:
     return generate_uid(prefix=None, entropy_srcs=["lungnlb-sample", *parts])
 

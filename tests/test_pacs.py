@@ -17,11 +17,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import requests
+from pacs_support import (
+    qido,
+    retrieve_instances,
+    series_uid,
+    small_ct_series,
+    start_orthanc,
+    stop,
+)
 
 from benchmarks.app_server import APP_DIR, free_port, start_server, stop_server
 from benchmarks.app_studies import tiny_checkpoint
 from lungnlb.io.dicom_seg import read_seg
-from pacs_support import qido, retrieve_instances, series_uid, small_ct_series, start_orthanc, stop
 
 USER = ("annotator-pacs", "pacs-s3cret-pw")
 ENV = {"MONAI_LABEL_DICOMWEB_USERNAME": USER[0], "MONAI_LABEL_DICOMWEB_PASSWORD": USER[1],
@@ -222,7 +229,7 @@ def test_pacs_training_from_seg_in_a_fresh_cache(pacs):
 
 
 class _Garbage(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         body = b"<html>this is not DICOMweb</html>"
         self.send_response(200)
         self.send_header("Content-Type", "application/dicom+json")

@@ -29,8 +29,8 @@ highdicom is an optional dependency (`pip install lungnlb[pacs]`); it is importe
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pydicom

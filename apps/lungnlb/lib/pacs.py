@@ -37,9 +37,10 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pydicom
@@ -52,12 +53,18 @@ from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.utils.others.generic import md5_digest
 
 from lib.conf import AppConfig
-from lib.errors import bad_request, conflict, not_found
+from lib.errors import conflict
 from lib.images import load_image, load_mask, read_sidecar, write_image, write_mask
 from lib.provenance import FINAL, ORIGINAL, ProvenanceDatastore
 from lungnlb.data.studies import sidecar_path
 from lungnlb.io.atomic import atomic_write_text
-from lungnlb.io.dicom_seg import SegLabel, read_seg, referenced_series_uid, seg_label_of, write_seg
+from lungnlb.io.dicom_seg import (
+    SegLabel,
+    read_seg,
+    referenced_series_uid,
+    seg_label_of,
+    write_seg,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +115,7 @@ class _TimeoutSession(requests.Session):
         super().__init__()
         self.timeout_s = timeout_s
 
-    def request(self, method, url, **kwargs):  # noqa: D102 - requests' own signature
+    def request(self, method, url, **kwargs):
         kwargs.setdefault("timeout", (min(10.0, self.timeout_s), self.timeout_s))
         return super().request(method, url, **kwargs)
 
