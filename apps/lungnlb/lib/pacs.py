@@ -130,9 +130,13 @@ def make_client(url: str, timeout_s: float) -> DICOMwebClientX:
         session.auth = (user, password)
     elif token:
         session.headers["Authorization"] = f"Bearer {token}"
-    return DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
-                           wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
-                           stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                             wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                             stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    # dicomweb-client retries 5 times with back-off doubling from 1 s (~30 s before a down PACS is
+    # reported); one retry after 0.2 s covers a dropped connection
+    client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=200)
+    return client
 
 
 def bad_gateway(message: str) -> HTTPException:
@@ -194,7 +198,7 @@ class PacsDatastore(ProvenanceDatastore):
         """{SeriesInstanceUID: StudyInstanceUID} of the CT series the PACS lists (kept `pacs_refresh_s`)."""
         if refresh or self._series is None or time.monotonic() - self._series[0] > self.refresh_s:
             with self._pacs("list its series"):
-                found = self.client.search_for_series(search_filters=self.search_filter)
+                found = self.client.search_for_series(search_filters=self.search_filter, get_remaining=True)
                 series = {}
                 for item in found:
                     dataset = pydicom.Dataset.from_json(item)
@@ -282,7 +286,7 @@ class PacsDatastore(ProvenanceDatastore):
                 return index
             with self._pacs("list its DICOM SEG series"):
                 found = [pydicom.Dataset.from_json(item) for item in
-                         self.client.search_for_series(search_filters={"Modality": "SEG"})]
+                         self.client.search_for_series(search_filters={"Modality": "SEG"}, get_remaining=True)]
             changed = False
             for item in found:
                 uid = str(item.SeriesInstanceUID)
