@@ -11,12 +11,13 @@ Wiring only; the parts live in `lib/` (see docs/app.md):
     lib/pacs.py                  the same datastore on a PACS over DICOMweb (labels back as DICOM SEG)
     lib/monailabel_private.py    every private member of MONAI Label the app uses, and why
     lib/images.py                request image resolution and checks (4xx with a message)
-    lib/server.py                start-up: closed unless authenticated, CORS, size limits, checked routes
+    lib/server.py                start-up: closed unless authenticated, CORS, Host names, size limits, checked routes
+    lib/request_thread.py        the one thread heavy requests run on, so /info and /datastore stay answered
     lib/uploads.py               the server's private folder for uploads and results
     lib/image_cache.py           decoded datastore images kept between infer requests (LRU)
     lib/infers/                  lung_nlb_seg, lung_nlb_cls, lung_watershed
-    lib/trainers/                lung_nlb_seg training (one run at a time, publish gate)
-    lib/activelearning/          scores cached per model version; disagreement / uncertainty strategies
+    lib/trainers/                lung_nlb_seg: lungnlb's fine-tuning run, its stats, one run at a time
+    lib/activelearning/          scores cached per model version; strategies; images held per annotator
 """
 
 from __future__ import annotations
