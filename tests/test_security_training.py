@@ -222,3 +222,46 @@ def test_a_trainer_left_running_is_stopped_and_reported_at_start_up(tmp_path):
     finally:
         if holder.poll() is None:
             holder.kill()
+
+
+LOCK_HOLDER = """import fcntl, json, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a trainer that does not stop when asked
+stream = open(sys.argv[1], "a+")
+fcntl.flock(stream, fcntl.LOCK_EX)
+stream.write(json.dumps({"pid": 1, "run_id": "left"}))  # a stale pid in the record
+stream.flush()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _hold_lock(path: Path, *extra: str) -> subprocess.Popen:
+    child = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(path), *extra], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_a_leftover_trainer_is_found_by_its_lock_and_killed_when_it_ignores_sigterm(tmp_path):
+    """The process holding the lock is signalled (not the record's pid), SIGKILL follows an ignored
+    SIGTERM; a lock holder that is not a MONAI Label task is never signalled."""
+    from lib.trainers.guard import TASK_MODULE, TrainerLock, lock_holders, reclaim_at_startup
+
+    lock = TrainerLock(tmp_path / ".lungnlb")
+    lock.path.parent.mkdir(parents=True)
+    stranger = _hold_lock(lock.path)
+    try:
+        assert lock_holders(lock.path) == [stranger.pid]
+        messages = reclaim_at_startup(lock, wait_s=0.5)
+        assert "could not be stopped" in messages[0] and stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait(timeout=30)
+    trainer = _hold_lock(lock.path, TASK_MODULE)  # its command line names MONAI Label's task module
+    try:
+        messages = reclaim_at_startup(lock, wait_s=0.5)
+        assert trainer.wait(timeout=30) == -signal.SIGKILL
+        assert "it was stopped" in messages[0] and str(trainer.pid) in messages[0]
+        assert not lock.is_held()
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -167,24 +168,68 @@ def stop_training_with_server() -> bool:
     return True
 
 
+def lock_holders(path: Path) -> list[int]:
+    """The pids holding a `flock` on ``path`` (Linux's /proc/locks, matched by device and inode;
+    waiters excluded); empty where /proc/locks cannot be read."""
+    try:
+        status = path.stat()
+        lines = Path("/proc/locks").read_text(encoding="ascii").splitlines()
+    except OSError:
+        return []
+    key = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    return [int(fields[4]) for fields in (line.split() for line in lines)
+            if len(fields) > 5 and "->" not in fields and fields[1] == "FLOCK" and fields[5] == key]
+
+
+def _is_training_task(pid: int) -> bool:
+    """Whether ``pid`` is a MONAI Label background task (what runs an app's training), so a reused
+    pid or an unrelated process is never signalled."""
+    try:
+        import psutil
+
+        return TASK_MODULE in " ".join(psutil.Process(pid).cmdline())
+    except Exception:  # noqa: BLE001 - gone, or not ours to inspect: not a task to stop
+        return False
+
+
+def _stop(pids: list[int], lock: TrainerLock, wait_s: float) -> bool:
+    """SIGTERM ``pids``, then SIGKILL them and their children if the lock is still held after
+    ``wait_s``; whether the lock is free at the end."""
+    import psutil
+
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for sig_wait, escalate in ((wait_s, True), (5.0, False)):
+        deadline = time.monotonic() + sig_wait
+        while lock.is_held() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not lock.is_held() or not escalate:
+            break
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                for child in process.children(recursive=True):
+                    child.kill()
+                process.kill()
+    return not lock.is_held()
+
+
 def reclaim_at_startup(lock: TrainerLock, wait_s: float = 15.0) -> list[str]:
-    """Stop a training run left by an earlier server and report unfinished runs (messages returned)."""
+    """Stop a training run left by an earlier server and report unfinished runs (messages returned).
+
+    The process signalled is the one holding the lock (not only the pid in the record, which may
+    be a reused pid), and only if it is a MONAI Label task; SIGTERM first, SIGKILL after ``wait_s``."""
     messages = []
     if lock.is_held():
         record = lock.record() or {}
-        pid = record.get("pid")
-        messages.append(f"a training run left by an earlier server was still running (pid {pid}, run "
-                        f"{record.get('run_id')}, started {record.get('started')}); it was stopped")
-        if isinstance(pid, int) and pid != os.getpid():
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while lock.is_held() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if lock.is_held():
-            messages[-1] = messages[-1].replace("it was stopped", "it could not be stopped: stop it by hand")
+        holders = [pid for pid in lock_holders(lock.path) or [record.get("pid")]
+                   if isinstance(pid, int) and pid != os.getpid() and _is_training_task(pid)]
+        stopped = bool(holders) and _stop(holders, lock, wait_s)
+        outcome = "it was stopped" if stopped else "it could not be stopped: stop it by hand"
+        messages.append(f"a training run left by an earlier server was still running (pid "
+                        f"{', '.join(map(str, holders)) or record.get('pid')}, run {record.get('run_id')}, "
+                        f"started {record.get('started')}); {outcome}")
     else:
         record = lock.record()
         if record:
