@@ -37,15 +37,6 @@ def start_orthanc(storage: Path, user: tuple[str, str], uploads: list[Path], tim
                 f"scripts/setup.sh as root, and `unshare --net`):\n{log.read_text()[-3000:]}")
 
 
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
 def small_ct_series(count: int) -> list[Path]:
     """The `count` real CT series of ../shared/data with the fewest slices (found, not named)."""
     from lungnlb.io.dicom import list_dicom_series

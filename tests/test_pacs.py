@@ -23,7 +23,6 @@ from pacs_support import (
     series_uid,
     small_ct_series,
     start_orthanc,
-    stop,
 )
 
 from benchmarks.app_server import APP_DIR, free_port, start_server, stop_server
@@ -46,14 +45,14 @@ def pacs(tmp_path_factory):
     try:
         server, server_url = start_server(url, conf, root / "server.log", extra_env=ENV)
     except BaseException:
-        stop(orthanc)
+        stop_server(orthanc)
         raise
     try:
         yield {"url": server_url, "pacs": url, "root": root, "conf": conf, "series": [series_uid(f) for f in folders],
                "folders": folders}
     finally:
         stop_server(server)
-        stop(orthanc)
+        stop_server(orthanc)
 
 
 def _cached_image(pacs, image_id: str) -> Path:
