@@ -50,25 +50,29 @@ def write_uint8(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     path.write_bytes(gzip.compress(nifti_bytes(array, affine, np.uint8), compresslevel=9))
 
 
-def compact_image(studies: Path, record: dict, out: Path, native_patches: bool = False) -> int:
+def compact_image(studies: Path, record: dict, out: Path, native_patches: bool = False, slice_step: int = 1) -> int:
     """Write the labelled slices of one prepared image into `out`; returns how many.
 
     ``native_patches``: only the slices native-resolution training draws patches from (a lesion mask
     or tumour-free, as `lungnlb.training.trainer.load_training_set` keeps), each cut to the box of
-    the body widened by half a patch (the air around a patient is what the trainer pads with)."""
+    the body widened by half a patch (the air around a patient is what the trainer pads with).
+    ``slice_step``: of a volume's kept slices every ``slice_step``-th (neighbouring slices of a
+    nodule are nearly the same image)."""
     image = read_study_image(image_path(studies, record["image_id"]))
     mask_path = label_path(studies, record["image_id"])
     mask = read_image(mask_path).array > 0.5 if mask_path.is_file() else None
     model_input = to_model_input(image.array, record["intensity"])
     affine = axial_affine(image.spacing[-2:])
+    plan = slice_plan(record, mask, model_input.ndim)
+    if native_patches:
+        plan = [(z, has_mask, label) for z, has_mask, label in plan
+                if label == 0 or (has_mask and (mask if mask.ndim == 2 else mask[z]).any())]
     written = 0
-    for z, has_mask, label in slice_plan(record, mask, model_input.ndim):
+    for z, has_mask, label in plan[::slice_step]:
         image_id = record["image_id"] if model_input.ndim == 2 else f"{record['image_id']}_z{z:03d}"
         plane = model_input if model_input.ndim == 2 else model_input[z]
         plane_mask = (mask if mask.ndim == 2 else mask[z]) if has_mask else None
         if native_patches:
-            if not (label == 0 or (plane_mask is not None and plane_mask.any())):
-                continue
             box = body_region(plane)
             plane, plane_mask = plane[box], None if plane_mask is None else plane_mask[box]
         write_uint8(np.round(plane * 255), affine, image_path(out, image_id))
@@ -99,6 +103,7 @@ def main() -> None:
     parser.add_argument("--subsets", nargs="+", default=["train", "val"], choices=["train", "val", "test"])
     parser.add_argument("--native-patches", action="store_true",
                         help="only the slices native-resolution training uses, each cut to the body's box")
+    parser.add_argument("--slice-step", type=int, default=1, help="every N-th kept slice of a volume")
     args = parser.parse_args()
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"{args.out} exists and is not empty")
@@ -106,7 +111,10 @@ def main() -> None:
     if args.split:
         cases = {case for subset in args.subsets for case in load_split(args.split)["cases"][subset]}
         records = [record for record in records if record["case"] in cases]
-    slices = sum(compact_image(args.studies, record, args.out, args.native_patches) for record in records)
+    if args.slice_step < 1:
+        raise SystemExit(f"--slice-step must be >= 1, got {args.slice_step}")
+    slices = sum(compact_image(args.studies, record, args.out, args.native_patches, args.slice_step)
+                 for record in records)
     size = sum(path.stat().st_size for path in args.out.rglob("*") if path.is_file())
     print(f"{slices} labelled slices -> {args.out} ({size / 2**20:.1f} MiB)")
 

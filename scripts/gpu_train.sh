@@ -16,7 +16,7 @@ PACKAGES="monai==1.6.1 nibabel==5.4.2 pydicom==2.4.5 pynrrd==1.1.3"  # the versi
 pack() {
     local studies=$1 split=$2
     rm -rf .gpu && mkdir -p .gpu
-    .venv/bin/python -m experiments.compact_studies "$studies" .gpu/studies --split "$split" --subsets train val --native-patches
+    .venv/bin/python -m experiments.compact_studies "$studies" .gpu/studies --split "$split" --subsets train val --native-patches --slice-step 2
     cp "$split" .gpu/split.json
     .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu/wheels $PACKAGES

@@ -65,3 +65,30 @@ def test_every_row_gets_the_steps_that_fit_the_budget_together():
     assert gpu_reference.planned_steps(280, {"a": 55.0, "b": 47.0, "c": 126.0}, 3000) == 1200
     assert gpu_reference.planned_steps(280, {"a": 55.0}, 3000) == 3000  # capped by the recipe
     assert gpu_reference.planned_steps(1, {"a": 55.0}, 3000) == 18  # under 100: not rounded to 0
+
+
+def test_native_pack_keeps_the_patch_slices_cut_to_the_body(tmp_path):
+    """--native-patches: only slices with a lesion mask or tumour-free ones, each within the body's
+    box (+ half a patch) and otherwise as before; --slice-step 2: every other one of a volume's."""
+    compact = _benchmark("compact_studies")
+    records = read_records(SAMPLE)
+    usable = [s for s in load_slices(SAMPLE, None) if s.class_label == 0 or (s.mask is not None and s.mask.any())]
+    assert usable and len(usable) < len(load_slices(SAMPLE, None))
+    out, halved = tmp_path / "native", tmp_path / "halved"
+    written = sum(compact.compact_image(SAMPLE, record, out, native_patches=True) for record in records)
+    assert written == len(usable)
+    original = {(s.image_id, s.z): s for s in usable}
+    for sample in load_slices(out, None):
+        source = json.loads((out / "meta" / f"{sample.image_id}.json").read_text())["compacted_from"]
+        before = original[(source["image_id"], source["z"])]
+        assert sample.class_label == 0 or sample.mask.any()
+        assert all(a <= b for a, b in zip(sample.image.shape, before.image.shape))
+        box = compact.body_region(before.image)
+        assert np.abs(sample.image - before.image[box]).max() <= 0.5 / 255 + 1e-6
+        if before.mask is not None:
+            assert sample.mask.sum() == before.mask.sum()  # the lesion lies inside the cut
+    per_image = {}
+    for sample in usable:
+        per_image[sample.image_id] = per_image.get(sample.image_id, 0) + 1
+    kept = sum(compact.compact_image(SAMPLE, record, halved, native_patches=True, slice_step=2) for record in records)
+    assert kept == sum((count + 1) // 2 for count in per_image.values()) < written

@@ -200,7 +200,9 @@ def test_trainer_dies_with_its_server_and_the_next_server_reports_it(tmp_path, h
 
 def test_a_trainer_left_running_is_stopped_and_reported_at_start_up(tmp_path):
     """A trainer whose server died but which kept running (its watch failed) holds the lock: the next
-    server stops it and says so."""
+    server stops it and says so (its command line names MONAI Label's task module, as a real one's does)."""
+    from lib.trainers.guard import TASK_MODULE
+
     build_studies(tmp_path / "studies", slices_per_file=1, files=1)
     lock = tmp_path / "studies" / ".lungnlb" / "trainer.lock"
     lock.parent.mkdir(parents=True)
@@ -208,7 +210,7 @@ def test_a_trainer_left_running_is_stopped_and_reported_at_start_up(tmp_path):
         "import fcntl, json, os, sys, time\n"
         f"f = open({str(lock)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
         "f.write(json.dumps({'pid': os.getpid(), 'run_id': 'orphan', 'started': 'earlier'})); f.flush()\n"
-        "print('held', flush=True); time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+        "print('held', flush=True); time.sleep(600)\n"), TASK_MODULE], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         conf = {"checkpoint": "none", "model_dir": str(tmp_path / "model")}

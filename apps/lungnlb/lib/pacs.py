@@ -133,8 +133,8 @@ def make_client(url: str, timeout_s: float) -> DICOMwebClientX:
     client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
                              wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
                              stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
-    # dicomweb-client retries 5 times with back-off doubling from 1 s (~30 s before a down PACS is
-    # reported); one retry after 0.2 s covers a dropped connection
+    # dicomweb-client's own retries (several, with exponential back-off) would keep a request to a
+    # down PACS waiting long before it is reported; one quick retry covers a dropped connection
     client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=200)
     return client
 
