@@ -40,6 +40,7 @@ from benchmarks.app_server import start_server, stop_server
 from benchmarks.app_studies import build_studies, tiny_checkpoint, write_sidecar
 from lungnlb.checkpoint import default_checkpoint_path
 from lungnlb.io import read_image, write_nifti
+from lungnlb.io.atomic import atomic_write_text
 from lungnlb.stamp import run_stamp
 
 LIGHT_PATHS = ("/info/", "/datastore/")
@@ -190,8 +191,7 @@ def main() -> int:
             print_phase(phase, summary)
         print(f"load average before {result['load_average_before']}, after {result['load_average_after']} "
               f"({os.cpu_count()} CPUs)")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
     finally:
         if process is not None:

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import io
 import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,8 +42,9 @@ import requests
 
 from benchmarks.app_server import start_server, stop_server
 from benchmarks.app_studies import build_studies
-from benchmarks.light_requests import Prober, resolve_checkpoint
+from benchmarks.light_requests import Prober, load_average, resolve_checkpoint
 from benchmarks.server import peak_rss_mb
+from lungnlb.io.atomic import atomic_write_text
 from lungnlb.stamp import run_stamp
 
 
@@ -194,7 +193,7 @@ def main() -> int:
     result = {**run_stamp(), "command": "python -m benchmarks.load " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items() if k != "out"), "cpus": os.cpu_count(),
-        "load_average_before": [round(v, 2) for v in os.getloadavg()], "levels": []}
+        "load_average_before": load_average(), "levels": []}
     try:
         checkpoint = resolve_checkpoint(args.checkpoint, root)
         result["checkpoint"] = str(checkpoint) if args.checkpoint != "tiny" else "tiny (random NLB U-Net, 128 px)"
@@ -211,11 +210,10 @@ def main() -> int:
                   f"labels submitted {level['labels_submitted']}, lost {level['labels_lost']}")
             for example in level["error_examples"] + level["lost_examples"]:
                 print(f"    {example}")
-        result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+        result["load_average_after"] = load_average()
         print(f"load average before {result['load_average_before']}, after {result['load_average_after']} "
               f"({os.cpu_count()} CPUs); checkpoint {result['checkpoint']}")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -30,6 +30,7 @@ from benchmarks.app_server import REPO, start_server, stop_server
 from benchmarks.app_studies import lidc_dir
 from lungnlb.checkpoint import default_checkpoint_path
 from lungnlb.cli import main as lungnlb_cli
+from lungnlb.io.atomic import atomic_write_text
 from lungnlb.overlap import dice
 from lungnlb.stamp import run_stamp
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare_held_out(args.patient, work / "studies")
         image_id, z, image, reference, segment, rows, version = run_module(work / "studies", work)
     record = {**draw(args.out, image_id, z, image, reference, segment, rows, version), "slice": z, **run_stamp()}
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     print(json.dumps(record))
 
 

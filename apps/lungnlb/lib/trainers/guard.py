@@ -192,27 +192,31 @@ def _is_training_task(pid: int) -> bool:
         return False
 
 
+def _released(lock: TrainerLock, wait_s: float) -> bool:
+    """Whether the lock is free within ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while lock.is_held() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not lock.is_held()
+
+
 def _stop(pids: list[int], lock: TrainerLock, wait_s: float) -> bool:
-    """SIGTERM ``pids``, then SIGKILL them and their children if the lock is still held after
-    ``wait_s``; whether the lock is free at the end."""
+    """SIGTERM ``pids``; if the lock is still held after ``wait_s``, SIGKILL them and their
+    children; whether the lock is free at the end."""
     import psutil
 
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    for sig_wait, escalate in ((wait_s, True), (5.0, False)):
-        deadline = time.monotonic() + sig_wait
-        while lock.is_held() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not lock.is_held() or not escalate:
-            break
-        for pid in pids:
-            with contextlib.suppress(psutil.Error):
-                process = psutil.Process(pid)
-                for child in process.children(recursive=True):
-                    child.kill()
-                process.kill()
-    return not lock.is_held()
+    if _released(lock, wait_s):
+        return True
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(pid)
+            for child in process.children(recursive=True):
+                child.kill()
+            process.kill()
+    return _released(lock, 5.0)
 
 
 def reclaim_at_startup(lock: TrainerLock, wait_s: float = 15.0) -> list[str]:
