@@ -1,21 +1,43 @@
 """Reproduce the paper's Table I (classification) and Table II (segmentation) on ../shared/data.
 
-Every row is trained with `lungnlb.training.train` under one budget (same steps, batch, input size,
-patient split and data) for each seed, then evaluated on the held-out test patients at native
-resolution with `lungnlb.evaluation.evaluate` (Dice / IoU over tumour slices, P / R / F1 for
-neoplasm present). Prints both tables as mean ± sd over seeds beside the paper's figures, checks
-the paper's claims, and compares `distance="paper"` with `distance="chebyshev"` for unet_sl_nlb.
+Every row trains through the one engine, `lungnlb.training.train`, for the same wall-clock budget on
+one machine (`TrainConfig.time_budget_s`: the engine times its first steps and shortens its cosine
+schedule to the steps that fit), then is evaluated on the split's test patients with
+`lungnlb.evaluation.evaluate` (Dice / IoU over tumour slices, P / R / F1 for neoplasm present).
 
-    python -m experiments.paper_tables --budget cpu --json experiments/results/paper_tables_cpu.json
-    python -m experiments.doc_tables      # the tables in docs/results.md, from that file
+Recipe (`RECIPE`): the shipped weights' native one (lungnlb/weights/README.md): 64 x 64 patches at the
+slices' own pixel size, batch 16, lr 2e-3, slices with a mask 70 % of the draws, no class balancing,
+the checkpoint chosen and calibrated on 400 validation slices. The four NLB variants use the shipped
+model's grid of 4 (the geometry of docs/method.md, 16-pixel cells in the 64-pixel window), so every
+segmentation row takes 64-pixel patches; a row whose size divisor does not divide 64 trains on the
+smallest patch it takes (`patch_size_for`), recorded with its run. The classification-only rows
+(resnet50, efficientnet_b4) have no mask head, so a patch has no truth for them: they train on whole
+slices resized to `CLASSIFIER_INPUT` pixels, as in the paper. The peer row `nnunet_2d` (nnU-Net v2,
+2d, planned by itself; `experiments.nnunet_row`) gets the same split, budget and evaluation.
 
-Budgets: smoke (seconds, a handful of cases, for the test), cpu (2 CPU cores), gpu (full size).
+Split: by patient, experiments/results/native_split.json (119 test cases: 112 LIDC-IDRI patients of
+nodule crops, 7 IQ-OTH/NCCD blocks); the smoke budget makes a tiny one from its few cases.
+
+Runnable in parts: each (row, seed) is merged into the result file as soon as it ends (the same row
+and seed replaced, every other kept, written atomically), so `--rows` / `--seeds` parts can run in
+different sessions or on a GPU and add up; a file made with another budget, recipe, machine or split
+is refused. The tables show mean ± sd over the seeds present and how many there are.
+
+    python -m experiments.paper_tables --budget cpu --rows unet unet_sl_nlb --seeds 0 \\
+        --json experiments/results/paper_tables_native_cpu.json
+    python -m experiments.paper_tables --budget gpu --json experiments/results/paper_tables_native_gpu.json
+    python -m experiments.paper_tables --show experiments/results/paper_tables_native_cpu.json
+    python -m experiments.doc_tables      # the tables in docs/results.md, from the result files
+
+Budgets (`BUDGETS`): smoke (seconds, a handful of cases, for the test), cpu (2 CPU cores), gpu (one GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,18 +51,27 @@ from lungnlb.runtime import enable_huge_pages  # noqa: E402
 enable_huge_pages()  # before torch is imported, as the lungnlb command does
 import torch  # noqa: E402
 
+from lungnlb.checkpoint import read_config  # noqa: E402
 from lungnlb.data.studies import is_studies_folder  # noqa: E402
 from lungnlb.evaluation.evaluate import evaluate  # noqa: E402
+from lungnlb.evaluation.report import HEADLINE  # noqa: E402
 from lungnlb.inference import Predictor  # noqa: E402
 from lungnlb.io.atomic import atomic_write_text  # noqa: E402
-from lungnlb.networks import is_segmentation_model, list_models  # noqa: E402
+from lungnlb.networks import is_segmentation_model, size_divisor  # noqa: E402
 from lungnlb.stamp import run_stamp  # noqa: E402
-from lungnlb.training import TrainConfig, make_split, read_records, save_split, train  # noqa: E402
+from lungnlb.training import TrainConfig, load_split, make_split, read_records, save_split, train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
+NATIVE_SPLIT = ROOT / "experiments" / "results" / "native_split.json"
 ROWS = ["unet", "unet_sa", "unet_nlb", "unet_localized_nlb", "unet_sb_nlb", "unet_sl_nlb", "unetpp",
         "deeplabv3plus", "resnet50", "efficientnet_b4"]
 CHEBYSHEV = "unet_sl_nlb[chebyshev]"
+NNUNET = "nnunet_2d"
+NLB_ROWS = ("unet_nlb", "unet_localized_nlb", "unet_sb_nlb", "unet_sl_nlb")
+NLB_KWARGS = {"grid": 4}  # the shipped model's grid: 64-pixel patches for all four variants
+RECIPE = {"patch_size": 64, "batch_size": 16, "lr": 2e-3, "seg_fraction": 0.7, "balance_classes": False,
+          "val_slices": 400}
+CLASSIFIER_INPUT = 128  # whole slices, resized, for the rows without a mask head
 # Only the paper's figures quoted in the project's issue are filled in; the rest are not invented.
 PAPER = {
     "unet_sl_nlb": {"f1": 0.863, "dice": 0.935, "iou": 0.878},
@@ -48,17 +79,16 @@ PAPER = {
 }
 PAPER_BASELINE_F1 = 0.784  # "S-L NLB F1 0.863 vs 0.784" (the best plain / self-attention U-Net in Table I)
 BUDGETS = {
-    "smoke": {"input_size": 128, "steps": 2, "batch_size": 2, "lr": 1e-3, "seeds": [0], "rows": ["unet", "unet_sl_nlb"],
-              "max_cases": 1, "chebyshev": False, "workers": 0},
-    # 300 steps: what all 11 rows x 3 seeds fit into one working session of two CPU cores (the wall time it
-    # took is in docs/results.md)
-    "cpu": {"input_size": 128, "steps": 300, "batch_size": 4, "lr": 2e-3, "seeds": [0, 1, 2], "rows": ROWS,
-            "max_cases": None, "chebyshev": True, "workers": 0},
-    # a GPU step is short (experiments/gpu_reference.py measures it): CPU augmentation needs workers to keep up
-    "gpu": {"input_size": 512, "steps": 3000, "batch_size": 16, "lr": 1e-3, "seeds": [0, 1, 2], "rows": ROWS,
-            "max_cases": None, "chebyshev": True, "workers": 8},
+    # max_steps only caps the cpu and gpu runs: the time budget decides their length
+    "smoke": {"seconds": 5.0, "max_steps": 4, "workers": 0, "seeds": [0], "rows": ["unet", "unet_sl_nlb"],
+              "split": None, "max_cases": 1},
+    "cpu": {"seconds": 240.0, "max_steps": 3000, "workers": 1, "seeds": [0, 1, 2], "rows": ROWS + [CHEBYSHEV],
+            "split": NATIVE_SPLIT, "max_cases": None},
+    "gpu": {"seconds": 420.0, "max_steps": 30000, "workers": 8, "seeds": [0, 1, 2], "rows": ROWS + [CHEBYSHEV],
+            "split": NATIVE_SPLIT, "max_cases": None},
 }
 NLB_ORDER = ["unet_sl_nlb", "unet_sb_nlb", "unet_localized_nlb", "unet_nlb", "unet"]
+RESULT_KEYS = HEADLINE + ("n_patients", "n_tumour_slices", "n_tumour_free_slices")
 
 
 def prepared(data: Path, cache: Path) -> Path:
@@ -90,24 +120,131 @@ def limited_split(split: dict, records: list[dict], max_cases: int | None) -> di
     return with_images({**split, "cases": cases}, records)
 
 
+def budget_split(budget: dict, records: list[dict], split_file: Path | None) -> dict:
+    """The split a budget evaluates on: a split file (by patient), or a tiny seeded one (smoke)."""
+    path = split_file or budget["split"]
+    if path is not None:
+        return load_split(path, records)
+    return limited_split(make_split(records, seed=0), records, budget["max_cases"])
+
+
+def split_summary(split: dict, records: list[dict], name: str) -> dict:
+    """What identifies a split in a result file: its name, a digest of its cases, its test cases and images."""
+    digest = hashlib.sha256(json.dumps(split["cases"], sort_keys=True).encode()).hexdigest()[:16]
+    test = set(split["cases"]["test"])
+    crops = sorted({r["case"] for r in records if r["case"] in test and r["source"] == "lidc-crops"})
+    return {"file": name, "cases_sha256": digest, "test_images": len(split["images"]["test"]),
+            "test_cases": split["cases"]["test"], "test_patients_with_crops": len(crops)}
+
+
+def row_model(row: str) -> tuple[str, dict]:
+    """(registry model, its kwargs) of a table row."""
+    if row == CHEBYSHEV:
+        return "unet_sl_nlb", {**NLB_KWARGS, "distance": "chebyshev"}
+    return row, (dict(NLB_KWARGS) if row in NLB_ROWS else {})
+
+
+def patch_size_for(model: str, kwargs: dict, wanted: int = RECIPE["patch_size"]) -> int:
+    """The smallest patch of at least `wanted` pixels that the model's size divisor allows."""
+    divisor = size_divisor(model, **kwargs)
+    return divisor * math.ceil(wanted / divisor)
+
+
+def row_config(row: str, seed: int, budget: dict, studies: Path, split_path: Path, out: Path) -> TrainConfig:
+    """The engine's configuration of one (row, seed): the recipe, the row's input, the budget."""
+    model, kwargs = row_model(row)
+    if is_segmentation_model(model):
+        sizes = {"patch_size": patch_size_for(model, kwargs)}
+    else:
+        sizes = {"patch_size": None, "input_size": CLASSIFIER_INPUT}
+    return TrainConfig(data=str(studies), out=str(out / row / f"seed{seed}"), model=model, model_kwargs=kwargs,
+                       **{**RECIPE, **sizes}, steps=budget["max_steps"], val_every=budget["max_steps"],
+                       time_budget_s=budget["seconds"], seed=seed, split=str(split_path), progress=False,
+                       tensorboard=False, device=None, num_workers=budget["workers"])
+
+
+def device_name() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def machine() -> str:
+    """The machine a budget's seconds were spent on (runs on different machines do not share a table)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def scored(report: dict) -> dict:
+    """The figures of an evaluation report a result file keeps for each run."""
+    return {key: report.get(key) for key in RESULT_KEYS}
+
+
 def run_row(row: str, seed: int, budget: dict, studies: Path, split_path: Path, test_ids: list[str], out: Path) -> dict:
-    """Train one (row, seed) and evaluate it on the test images; returns the metrics."""
-    model, kwargs = (("unet_sl_nlb", {"distance": "chebyshev"}) if row == CHEBYSHEV else (row, {}))
-    config = TrainConfig(data=str(studies), out=str(out / row / f"seed{seed}"), model=model, model_kwargs=kwargs,
-                         input_size=budget["input_size"], steps=budget["steps"], batch_size=budget["batch_size"],
-                         lr=budget["lr"], seed=seed, split=str(split_path), val_every=budget["steps"], progress=False,
-                         tensorboard=False, device=None, num_workers=budget["workers"])
+    """Train one (row, seed) within the budget, evaluate it on the test images; the run's record."""
+    if row == NNUNET:
+        from experiments.nnunet_row import run_nnunet
+
+        return {"row": row, "seed": seed, **run_stamp(),
+                **run_nnunet(studies, split_path, test_ids, seed, budget, out / row / f"seed{seed}", RECIPE)}
+    config = row_config(row, seed, budget, studies, split_path, out)
     started = time.perf_counter()
     result = train(config)
-    predictor = Predictor.from_checkpoint(result["last"], device="cuda" if torch.cuda.is_available() else "cpu")
+    trained = time.perf_counter() - started
+    predictor = Predictor.from_checkpoint(result["best"], device=device_name())
     report, _ = evaluate(studies, predictor, test_ids, n_bootstrap=0)
-    keys = ("dice", "iou", "false_positive_rate", "precision", "recall", "f1")
-    return {"row": row, "seed": seed, "seconds": time.perf_counter() - started, **{k: report.get(k) for k in keys}}
+    size = {"patch_size": config.patch_size} if config.patch_size else {"input_size": config.input_size}
+    return {"row": row, "seed": seed, **run_stamp(), "model": config.model, "model_kwargs": config.model_kwargs,
+            **size, "steps": int(read_config(result["best"])["step"]), "train_seconds": round(trained, 1),
+            "seconds": round(time.perf_counter() - started, 1), **scored(report)}
+
+
+def settings(budget: dict) -> dict:
+    """What every run of one table shares: budget, recipe, machine (compared before a merge)."""
+    return {"budget_s": budget["seconds"], "max_steps": budget["max_steps"], "num_workers": budget["workers"],
+            "recipe": RECIPE, "nlb_kwargs": NLB_KWARGS, "classifier_input_size": CLASSIFIER_INPUT,
+            "machine": machine()}
+
+
+def merged(existing: dict | None, fresh: dict, runs: list[dict]) -> dict:
+    """`existing` with `runs` added (a run of the same row and seed replaced), under `fresh`'s budget,
+    settings and split; refuses (ValueError) to mix runs made with another budget, recipe or split."""
+    if existing is not None:
+        differ = [key for key in ("budget", "settings", "split") if existing.get(key) != fresh[key]]
+        if differ:
+            raise ValueError(f"refusing to merge: the result file's {', '.join(differ)} differ from this run's "
+                             f"({', '.join(f'{k}: {existing.get(k)} vs {fresh[k]}' for k in differ)}); "
+                             "write the runs to another --json file")
+    done = {(run["row"], run["seed"]) for run in runs}
+    kept = [run for run in (existing or {}).get("runs", []) if (run["row"], run["seed"]) not in done]
+    order = {row: index for index, row in enumerate(ROWS + [CHEBYSHEV, NNUNET])}
+    every = sorted(kept + runs, key=lambda run: (order.get(run["row"], len(order)), run["row"], run["seed"]))
+    return {**run_stamp(), **fresh, "runs": every}
+
+
+def read_result(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def merge_into(path: Path, fresh: dict, runs: list[dict]) -> dict:
+    """Merge `runs` into the result file at `path` (created when missing), atomically; the merged result."""
+    result = merged(read_result(path), fresh, runs)
+    atomic_write_text(path, json.dumps(result, indent=2, default=float) + "\n")
+    return result
+
+
+def table_rows(runs: list[dict]) -> list[str]:
+    """The rows present, in the tables' order."""
+    present = {run["row"] for run in runs}
+    return [row for row in ROWS + [CHEBYSHEV, NNUNET] if row in present] + sorted(present - set(ROWS) - {CHEBYSHEV, NNUNET})
 
 
 def mean_sd(runs: list[dict], row: str, key: str) -> tuple[float, float] | None:
     values = [r[key] for r in runs if r["row"] == row and r.get(key) is not None]
     return (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0) if values else None
+
+
+def seeds(runs: list[dict], row: str) -> int:
+    return sum(run["row"] == row for run in runs)
 
 
 def _fmt(value: tuple[float, float] | None) -> str:
@@ -119,19 +256,40 @@ def _paper(row: str, key: str) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def tables(runs: list[dict], rows: list[str]) -> str:
+def segments(row: str) -> bool:
+    return row in (CHEBYSHEV, NNUNET) or is_segmentation_model(row)
+
+
+def tables(runs: list[dict]) -> str:
+    """Table I (every row) and Table II (the rows with a mask head), mean ± sd over the seeds present."""
+    rows = table_rows(runs)
     lines = ["### Table I — classification (neoplasm present), held-out test patients", "",
-             "| model | precision | recall | F1 | paper F1 |", "|---|---|---|---|---|"]
+             "| model | seeds | precision | recall | F1 | paper F1 |", "|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row} | {_fmt(mean_sd(runs, row, 'precision'))} | {_fmt(mean_sd(runs, row, 'recall'))} | "
-                     f"{_fmt(mean_sd(runs, row, 'f1'))} | {_paper(row, 'f1')} |")
+        lines.append(f"| {row} | {seeds(runs, row)} | {_fmt(mean_sd(runs, row, 'precision'))} | "
+                     f"{_fmt(mean_sd(runs, row, 'recall'))} | {_fmt(mean_sd(runs, row, 'f1'))} | {_paper(row, 'f1')} |")
     lines += ["", f"Paper: best plain / self-attention U-Net F1 {PAPER_BASELINE_F1}.", "",
               "### Table II — segmentation (Dice / IoU over tumour slices), held-out test patients", "",
-              "| model | Dice | IoU | paper Dice | paper IoU |", "|---|---|---|---|---|"]
+              "| model | seeds | Dice | IoU | paper Dice | paper IoU |", "|---|---|---|---|---|---|"]
     for row in rows:
-        if row == CHEBYSHEV or is_segmentation_model(row):
-            lines.append(f"| {row} | {_fmt(mean_sd(runs, row, 'dice'))} | {_fmt(mean_sd(runs, row, 'iou'))} | "
-                         f"{_paper(row, 'dice')} | {_paper(row, 'iou')} |")
+        if segments(row):
+            lines.append(f"| {row} | {seeds(runs, row)} | {_fmt(mean_sd(runs, row, 'dice'))} | "
+                         f"{_fmt(mean_sd(runs, row, 'iou'))} | {_paper(row, 'dice')} | {_paper(row, 'iou')} |")
+    return "\n".join(lines) + "\n"
+
+
+def runs_table(runs: list[dict]) -> str:
+    """Per run: the input the row trained on, the steps the budget allowed and the seconds spent."""
+    timed = [run for run in runs if "steps" in run]
+    if not timed:
+        return ""
+    lines = ["### Runs", "", "| model | seed | input | steps | training s | training + evaluation s |",
+             "|---|---|---|---|---|---|"]
+    for run in timed:
+        size = f"{run['patch_size']} px patches" if run.get("patch_size") else (
+            f"{run['input_size']} px slices" if run.get("input_size") else run.get("input", "–"))
+        lines.append(f"| {run['row']} | {run['seed']} | {size} | {run['steps']} | {run['train_seconds']:.0f} | "
+                     f"{run['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,16 +322,44 @@ def claims(runs: list[dict]) -> str:
     cheb = mean_sd(runs, CHEBYSHEV, "dice")
     if sl_dice and cheb:
         lines.append(f"- distance 'paper' vs 'chebyshev' (unet_sl_nlb Dice): {sl_dice[0]:.3f} vs {cheb[0]:.3f}")
+    peer = mean_sd(runs, NNUNET, "dice")
+    if sl_dice and peer:
+        lines.append(f"- NLB U-Net beats nnU-Net v2 2d (Dice): {'supported' if sl_dice[0] > peer[0] else 'NOT supported'}"
+                     f" — {sl_dice[0]:.3f} vs {peer[0]:.3f}")
     lines.append("- 'supported' compares means only; with sd of the size shown, small differences are not significant.")
     return "\n".join(lines) + "\n"
 
 
+def _split_text(split: dict) -> str:
+    test_cases = split["test_cases"]
+    count = len(test_cases) if isinstance(test_cases, list) else test_cases
+    crops = f", {split['test_patients_with_crops']} of them LIDC-IDRI patients with nodule crops" \
+        if "test_patients_with_crops" in split else ""
+    return f"split {split['file']} (by patient / case block); test: {split['test_images']} images of {count} cases{crops}"
+
+
 def markdown(result: dict) -> str:
-    """The budget, both tables and the claims, from a result file (what `--json` writes) alone."""
-    split = result["split"]
-    header = (f"Budget `{result['budget']}`: {result['settings']}; split {split['file']} (seed {split['seed']}, "
-              f"by patient / case block); test: {split['test_images']} images of cases {', '.join(split['test_cases'])}.\n\n")
-    return header + tables(result["runs"], result["rows"]) + "\n" + claims(result["runs"])
+    """The budget, both tables, the runs and the claims, from a result file alone."""
+    header = f"Budget `{result['budget']}`: {result['settings']}; {_split_text(result['split'])}.\n\n"
+    runs = result["runs"]
+    return header + tables(runs) + "\n" + claims(runs) + ("\n" + runs_table(runs) if runs_table(runs) else "")
+
+
+def chosen_rows(parser: argparse.ArgumentParser, requested: list[str] | None, budget: dict) -> list[str]:
+    """The rows to run: the requested ones (all known), else the budget's; nnU-Net's when it is installed."""
+    known = ROWS + [CHEBYSHEV, NNUNET]
+    unknown = sorted(set(requested or []) - set(known))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(known)}")
+    if requested:
+        return requested
+    from experiments.nnunet_row import nnunet_available
+
+    if budget["split"] is not None and nnunet_available():
+        return budget["rows"] + [NNUNET]
+    if budget["split"] is not None:
+        print(f"{NNUNET} left out: nnunetv2 is not installed (pip install '.[nnunet]', docs/results.md)", file=sys.stderr)
+    return budget["rows"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,41 +369,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lungnlb-paper-studies"),
                         help="prepared studies folder made from --data (reused)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "paper_tables")
+    parser.add_argument("--split", type=Path, help="split file (default: the budget's)")
     parser.add_argument("--rows", nargs="*", help="subset of rows (default: the budget's)")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the budget's seeds")
-    parser.add_argument("--steps", type=int, help="override the budget's training steps")
     parser.add_argument("--markdown", type=Path, help="also write the tables and claims to this file")
-    parser.add_argument("--json", type=Path, help="also write the result file (runs, budget, split, date, commit)")
+    parser.add_argument("--json", type=Path, help="result file to merge the runs into (default: OUT/paper_tables.json)")
+    parser.add_argument("--show", type=Path, help="only print the tables of this result file")
     args = parser.parse_args(argv)
+    if args.show:
+        print(markdown(json.loads(args.show.read_text(encoding="utf-8"))))
+        return 0
 
-    budget = dict(BUDGETS[args.budget])
-    budget["seeds"] = args.seeds or budget["seeds"]
-    budget["steps"] = args.steps or budget["steps"]
-    rows = [r for r in (args.rows or budget["rows"]) if r in list_models()]
-    if budget["chebyshev"] and not args.rows:
-        rows.append(CHEBYSHEV)
+    budget = BUDGETS[args.budget]
+    rows = chosen_rows(parser, args.rows, budget)
     studies = prepared(args.data, args.cache)
     records = read_records(studies)
-    split = limited_split(make_split(records, seed=0), records, budget["max_cases"])
+    split = budget_split(budget, records, args.split)
     split_path = save_split(split, args.out / "split.json")
-    runs = []
+    fresh = {"budget": args.budget, "settings": settings(budget),
+             "split": split_summary(split, records, (args.split or budget["split"] or split_path).name)}
+    path = args.json or args.out / "paper_tables.json"
+    result = merged(read_result(path), fresh, [])  # a file of another budget, recipe or split: refused before training
     for row in rows:
-        for seed in budget["seeds"]:
-            runs.append(run_row(row, seed, budget, studies, split_path, split["images"]["test"], args.out))
-            print(json.dumps(runs[-1], default=float), flush=True)
-            atomic_write_text(args.out / "runs.json", json.dumps(runs, indent=2, default=float))  # kept if stopped
-    result = {**run_stamp(), "budget": args.budget,
-              "settings": {k: budget[k] for k in ("input_size", "steps", "batch_size", "lr", "seeds")},
-              "split": {"file": split_path.name, "seed": 0, "test_images": len(split["images"]["test"]),
-                        "test_cases": split["cases"]["test"]},
-              "rows": rows, "runs": runs}
+        for seed in args.seeds or budget["seeds"]:
+            run = run_row(row, seed, budget, studies, split_path, split["images"]["test"], args.out)
+            print(json.dumps(run, default=float), flush=True)
+            result = merge_into(path, fresh, [run])  # each run kept as soon as it ends
     text = markdown(result)
     print(text)
-    if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2, default=float) + "\n")
     if args.markdown:
         command = "python -m experiments.paper_tables " + " ".join(argv if argv is not None else sys.argv[1:])
-        args.markdown.write_text(f"# Results: the paper's tables on public data\n\nCommand: `{command}`\n\n{text}")
+        atomic_write_text(args.markdown, f"# Results: the paper's tables on public data\n\nCommand: `{command}`\n\n{text}")
     return 0
 
 

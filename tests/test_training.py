@@ -208,11 +208,14 @@ def test_paper_tables_smoke_budget(tmp_path):
     markdown = tmp_path / "results.md"
     assert paper_tables.main(["--budget", "smoke", "--data", str(src), "--cache", str(tmp_path / "studies"),
                               "--out", str(tmp_path / "out"), "--markdown", str(markdown)]) == 0
-    runs = json.loads((tmp_path / "out" / "runs.json").read_text())
-    assert {run["row"] for run in runs} == {"unet", "unet_sl_nlb"}
+    result = json.loads((tmp_path / "out" / "paper_tables.json").read_text())
+    runs = result["runs"]
+    assert [(run["row"], run["seed"]) for run in runs] == [("unet", 0), ("unet_sl_nlb", 0)]
     assert all(0 <= run["dice"] <= 1 and 0 <= run["f1"] <= 1 for run in runs)
+    assert all(run["patch_size"] == 64 and 0 < run["steps"] <= 4 and run["train_seconds"] > 0 for run in runs)
+    assert result["settings"]["budget_s"] == paper_tables.BUDGETS["smoke"]["seconds"]
     text = markdown.read_text()
-    assert "Table I" in text and "Table II" in text and "S-L >= S-B" in text
+    assert "Table I" in text and "Table II" in text and "S-L >= S-B" in text and "| unet | 1 |" in text
 
 
 def test_patient_cv_folds_hold_out_each_masked_patient_once():
