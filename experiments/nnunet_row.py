@@ -109,12 +109,11 @@ def use_folders(root: Path) -> None:
 
 
 def plan_and_preprocess(workers: int) -> None:
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                      preprocess)
+    from nnunetv2.experiment_planning import plan_and_preprocess_api as api
 
-    extract_fingerprints([DATASET_ID], num_processes=max(1, workers), check_dataset_integrity=True)
-    plan_experiments([DATASET_ID])
-    preprocess([DATASET_ID], configurations=(CONFIGURATION,), num_processes=(max(1, workers),))
+    api.extract_fingerprints([DATASET_ID], num_processes=max(1, workers), check_dataset_integrity=True)
+    api.plan_experiments([DATASET_ID])
+    api.preprocess([DATASET_ID], configurations=(CONFIGURATION,), num_processes=(max(1, workers),))
 
 
 def _epoch(trainer) -> None:
@@ -148,10 +147,10 @@ class NnUNetSlices:
     intensity mapping, nnU-Net's prediction per slice, slice probability = the mask's maximum."""
 
     threshold = THRESHOLD
-    config = {"slice_size": 0}  # a crop is predicted as it is: nnU-Net trained on the crops themselves
 
     def __init__(self, predictor, mapping: IntensityMapping) -> None:
         self.predictor, self.mapping = predictor, mapping
+        self.config = {"slice_size": 0}  # a crop is predicted as it is: nnU-Net trained on the crops themselves
 
     def model_input(self, array: np.ndarray, intensity: str) -> np.ndarray:
         return self.mapping(np.array(array, dtype=np.float32), intensity)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -46,20 +47,27 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from lungnlb.runtime import enable_huge_pages  # noqa: E402
+from lungnlb.runtime import enable_huge_pages
 
 enable_huge_pages()  # before torch is imported, as the lungnlb command does
-import torch  # noqa: E402
+import torch
 
-from lungnlb.checkpoint import read_config  # noqa: E402
-from lungnlb.data.studies import is_studies_folder  # noqa: E402
-from lungnlb.evaluation.evaluate import evaluate  # noqa: E402
-from lungnlb.evaluation.report import HEADLINE  # noqa: E402
-from lungnlb.inference import Predictor  # noqa: E402
-from lungnlb.io.atomic import atomic_write_text  # noqa: E402
-from lungnlb.networks import is_segmentation_model, size_divisor  # noqa: E402
-from lungnlb.stamp import run_stamp  # noqa: E402
-from lungnlb.training import TrainConfig, load_split, make_split, read_records, save_split, train  # noqa: E402
+from lungnlb.checkpoint import read_config
+from lungnlb.data.studies import is_studies_folder
+from lungnlb.evaluation.evaluate import evaluate
+from lungnlb.evaluation.report import HEADLINE
+from lungnlb.inference import Predictor
+from lungnlb.io.atomic import atomic_write_text
+from lungnlb.networks import is_segmentation_model, size_divisor
+from lungnlb.stamp import run_stamp
+from lungnlb.training import (
+    TrainConfig,
+    load_split,
+    make_split,
+    read_records,
+    save_split,
+    train,
+)
 
 DATA = ROOT.parent / "shared" / "data"
 NATIVE_SPLIT = ROOT / "experiments" / "results" / "native_split.json"
@@ -298,7 +306,7 @@ def _ordered(runs: list[dict], order: list[str], key: str) -> tuple[bool, str]:
     if any(v is None for v in values):
         return False, "not all rows ran"
     means = [v[0] for v in values]
-    holds = all(a >= b for a, b in zip(means, means[1:]))
+    holds = all(a >= b for a, b in itertools.pairwise(means))
     return holds, " >= ".join(f"{row} {m:.3f}" for row, m in zip(order, means))
 
 

@@ -116,9 +116,10 @@ class _HalfProbability:
 
 
 def test_nnunet_slices_serve_the_libraries_evaluation(tmp_path):
+    from train_helpers import synthetic_studies
+
     from lungnlb.evaluation.evaluate import evaluate
     from lungnlb.io.intensity import IntensityMapping
-    from train_helpers import synthetic_studies
 
     studies = synthetic_studies(tmp_path)
     report, results = evaluate(studies, nnunet_row.NnUNetSlices(_HalfProbability(), IntensityMapping()), n_bootstrap=0)
