@@ -182,11 +182,11 @@ def run_nnunet(studies: Path, split_path: Path, test_ids: list[str], seed: int, 
                recipe: dict) -> dict:
     """Export, plan, preprocess, train within `budget["seconds"]`, evaluate: the row's run record
     (without row, seed and stamp), with the figures `experiments.paper_tables.scored` keeps."""
-    from experiments.paper_tables import scored
+    from experiments.paper_tables import load_average, scored
 
     if not nnunet_available():
         raise RuntimeError("nnunetv2 is not installed: pip install '.[nnunet]' (in its own environment)")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     use_folders(out)
     os.environ.setdefault("nnUNet_n_proc_DA", str(budget["workers"]))
     os.environ.setdefault("nnUNet_compile", "f")  # the other rows are not compiled either
@@ -203,11 +203,11 @@ def run_nnunet(studies: Path, split_path: Path, test_ids: list[str], seed: int, 
     dataset = json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
     trainer = nnUNetTrainer(plans, CONFIGURATION, 0, dataset, device=device)
     epochs = train_within_budget(trainer, budget["seconds"])
-    trained = time.perf_counter() - started  # export, plan and preprocess included, as the rows' loading is
+    trained, cpu = time.perf_counter() - started, time.process_time() - cpu_started  # with export, plan, preprocess
     report, _ = evaluate(studies, NnUNetSlices(trained_predictor(trainer, device), IntensityMapping()), test_ids,
                          n_bootstrap=0)
     patch = plans["configurations"][CONFIGURATION]["patch_size"]
     return {"model": f"nnU-Net v2 {CONFIGURATION}, fold 0 = the table's split", "input": f"{patch[0]}x{patch[1]} px patches",
             "batch_size": plans["configurations"][CONFIGURATION]["batch_size"], "epochs": epochs,
-            "steps": epochs * EPOCH_ITERATIONS, "train_seconds": round(trained, 1),
-            "seconds": round(time.perf_counter() - started, 1), **scored(report)}
+            "steps": epochs * EPOCH_ITERATIONS, "train_seconds": round(trained, 1), "train_cpu_seconds": round(cpu, 1),
+            "seconds": round(time.perf_counter() - started, 1), "load_average": load_average(), **scored(report)}

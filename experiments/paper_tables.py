@@ -39,6 +39,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -182,6 +183,11 @@ def machine() -> str:
     return f"CPU, {torch.get_num_threads()} threads"
 
 
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15 minute load: how much others shared the budget's seconds."""
+    return [round(value, 2) for value in os.getloadavg()]
+
+
 def scored(report: dict) -> dict:
     """The figures of an evaluation report a result file keeps for each run."""
     return {key: report.get(key) for key in RESULT_KEYS}
@@ -195,15 +201,16 @@ def run_row(row: str, seed: int, budget: dict, studies: Path, split_path: Path, 
         return {"row": row, "seed": seed, **run_stamp(),
                 **run_nnunet(studies, split_path, test_ids, seed, budget, out / row / f"seed{seed}", RECIPE)}
     config = row_config(row, seed, budget, studies, split_path, out)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = train(config)
-    trained = time.perf_counter() - started
+    trained, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     predictor = Predictor.from_checkpoint(result["best"], device=device_name())
     report, _ = evaluate(studies, predictor, test_ids, n_bootstrap=0)
     size = {"patch_size": config.patch_size} if config.patch_size else {"input_size": config.input_size}
     return {"row": row, "seed": seed, **run_stamp(), "model": config.model, "model_kwargs": config.model_kwargs,
             **size, "steps": int(read_config(result["best"])["step"]), "train_seconds": round(trained, 1),
-            "seconds": round(time.perf_counter() - started, 1), **scored(report)}
+            "train_cpu_seconds": round(cpu, 1), "seconds": round(time.perf_counter() - started, 1),
+            "load_average": load_average(), **scored(report)}
 
 
 def settings(budget: dict) -> dict:
@@ -291,13 +298,16 @@ def runs_table(runs: list[dict]) -> str:
     timed = [run for run in runs if "steps" in run]
     if not timed:
         return ""
-    lines = ["### Runs", "", "| model | seed | input | steps | training s | training + evaluation s |",
-             "|---|---|---|---|---|---|"]
+    header = ("| model | seed | input | steps | training s (CPU s of the process) | training + evaluation s "
+              "| load average after |")
+    lines = ["### Runs", "", header, "|---|---|---|---|---|---|---|"]
     for run in timed:
         size = f"{run['patch_size']} px patches" if run.get("patch_size") else (
             f"{run['input_size']} px slices" if run.get("input_size") else run.get("input", "–"))
-        lines.append(f"| {run['row']} | {run['seed']} | {size} | {run['steps']} | {run['train_seconds']:.0f} | "
-                     f"{run['seconds']:.0f} |")
+        cpu = f" ({run['train_cpu_seconds']:.0f})" if "train_cpu_seconds" in run else ""
+        load = " / ".join(f"{value:.1f}" for value in run.get("load_average", [])) or "–"
+        lines.append(f"| {run['row']} | {run['seed']} | {size} | {run['steps']} | {run['train_seconds']:.0f}{cpu} | "
+                     f"{run['seconds']:.0f} | {load} |")
     return "\n".join(lines) + "\n"
 
 

@@ -62,7 +62,7 @@ def test_parts_merge_replacing_only_the_same_row_and_seed(tmp_path):
     text = paper_tables.markdown(result)
     assert "| unet | 2 | 0.500 ± 0.141 | 0.250 ± 0.071 |" in text  # Table II: two seeds, mean ± sd
     assert "| unet_sl_nlb | 1 | 0.100 ± 0.000 |" in text
-    assert "| unet | 1 | 64 px patches | 101 | 240 | 300 |" in text
+    assert "| unet | 1 | 64 px patches | 101 | 240 | 300 | – |" in text
 
 
 @pytest.mark.parametrize("other", [_fresh(budget="gpu"), _fresh(sha="another split")])
