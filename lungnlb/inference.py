@@ -10,10 +10,18 @@ of two forms, chosen by the checkpoint:
 * native-resolution models (config ``patch_size``, trained on patches at the scanner's pixel size):
   MONAI's sliding window over each slice at its own size, within the box of the patient's body
   (air around it is never a tumour), windows of ``patch_size`` overlapping by a quarter, blended
-  with a Gaussian, padded with air where the box is smaller than a window;
-  predicted components smaller than ``min_component_pixels`` are removed, and the slice
-  probability is the highest remaining mask probability, so a slice is called tumour exactly
-  when its mask is non-empty at the threshold.
+  with a Gaussian, padded with air where the box is smaller than a window. On a whole slice (both
+  sides at least ``LUNG_FIELD_MIN_SIZE``) where lungs are found, only the lungs can hold a lung
+  tumour: a predicted component is kept only when it touches the lung field
+  (`lungnlb.labels.lung_region.lung_field`: the lungs closed by ``lung_closing_px``, so tumours
+  against the chest wall and the mediastinum stay in), and windows that miss the field are not
+  run. The mediastinum and the chest wall, where a model that sees one window at a time finds
+  most of its false positives, are left out. The windows stay where the body box puts them: the
+  model's output depends on where a window falls, and windows laid over the lungs' box alone
+  lowered whole-slice Dice. In a volume, slices without lungs (above or below them) are skipped.
+  Crops, and slices where no lungs are found, keep the whole body box. Predicted components smaller than
+  ``min_component_pixels`` are removed, and the slice probability is the highest remaining mask
+  probability, so a slice is called tumour exactly when its mask is non-empty at the threshold.
 
     array (Z, Y, X) or (Y, X)  ->  probability (Z, Y, X) or (Y, X) float32 in [0, 1]
                                    slice_probability (Z,) or scalar
@@ -50,6 +58,10 @@ MIN_COMPONENT_PIXELS = 10  # a 3 mm nodule at 0.7-0.8 mm pixels covers ~12 pixel
 WINDOW_OVERLAP = 0.25
 WINDOW_BATCH = 32  # windows per forward pass: small windows leave the CPU's matrix kernels idle in small batches
 BODY_MARGIN = 0.05  # model-input units above air: windows are laid over the patient, not the air around
+LUNG_FIELD_MIN_SIZE = 192  # smaller images are crops around a nodule: too little of the chest to find lungs in
+LUNG_CLOSING_PX = 10  # ~7 mm at the 0.7-0.8 mm pixels of chest CT: bites of juxtapleural nodules up to ~14 mm
+MIN_LUNG_PIXELS = 300  # less "lung" than this on a whole slice is gas in the bowel or the trachea, not lungs
+SKIPPED_WINDOW_LOGIT = -20.0  # a window outside the lung field: background, sigmoid ~2e-9
 
 
 def resize_batch(batch: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -165,23 +177,52 @@ class Predictor:
         return probability, slice_probability
 
     def _predict_windows(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The native form: sliding window per slice, small components removed, slice = max of the mask."""
+        """The native form: sliding window per slice over the body, the windows that miss the lung
+        field skipped, components that miss it and small ones removed, slice = max of the mask."""
         from monai.inferers import SlidingWindowInferer
 
         air = self.air()
         inferer = SlidingWindowInferer(roi_size=self.patch_size, sw_batch_size=WINDOW_BATCH, overlap=WINDOW_OVERLAP,
                                        mode="gaussian", padding_mode="constant", cval=air)
+        fields = [self.lung_field(plane) for plane in volume]
+        skip_lungless = len(volume) > 1 and any(field is not None for field in fields)
         probability = np.zeros(volume.shape, dtype=np.float32)
-        for z in range(volume.shape[0]):
+        keep = np.ones(volume.shape, dtype=bool)
+        for z, field in enumerate(fields):
             box = body_box(volume[z], air + BODY_MARGIN)
-            if box is None:
-                continue
-            region = np.ascontiguousarray(volume[z][box], dtype=np.float32)
-            logits = inferer(torch.from_numpy(region)[None, None].to(self.device), lambda x: self.model(x)["seg"])
+            if box is None or (field is None and skip_lungless):
+                continue  # no patient, or a slice of a chest CT above or below the lungs
+            region = torch.from_numpy(np.ascontiguousarray(volume[z][box], dtype=np.float32))[None, None]
+            if field is None:
+                logits = inferer(region.to(self.device), self._seg_logits)
+            else:
+                keep[z] = field
+                where = torch.from_numpy(field[box].astype(np.float32))[None, None]
+                logits = inferer(region.to(self.device), self._seg_logits, condition=where.to(self.device))
             probability[z][box] = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
         minimum = int(self.config.get("min_component_pixels", MIN_COMPONENT_PIXELS))
-        probability *= remove_small_components(probability > self.threshold, minimum)
+        probability *= remove_small_components(probability > self.threshold, minimum, keep)
         return probability, probability.reshape(len(probability), -1).max(axis=1, initial=0.0)
+
+    def _seg_logits(self, windows: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Seg logits of a batch of windows; with ``condition`` (the lung field cut like the windows),
+        only windows that hold some of it run the model, the rest read as certain background. A
+        pixel of the field is covered only by windows that hold it, so its blend is unchanged."""
+        if condition is None:
+            return self.model(windows)["seg"]
+        wanted = (condition > 0.5).flatten(1).any(dim=1)
+        logits = torch.full((windows.shape[0], 1, *windows.shape[2:]), SKIPPED_WINDOW_LOGIT, device=windows.device)
+        if wanted.any():
+            logits[wanted] = self.model(windows[wanted])["seg"].float()
+        return logits
+
+    def lung_field(self, plane: np.ndarray) -> np.ndarray | None:
+        """Where a lung tumour can be on this whole slice, or None (a crop, no lungs found, filter off)."""
+        from lungnlb.labels.lung_region import lung_field
+
+        if not self.config.get("lung_filter", True) or min(plane.shape) < LUNG_FIELD_MIN_SIZE:
+            return None
+        return lung_field(plane, int(self.config.get("lung_closing_px", LUNG_CLOSING_PX)), MIN_LUNG_PIXELS)
 
 
 def body_box(plane: np.ndarray, level: float) -> tuple[slice, slice] | None:
@@ -192,8 +233,9 @@ def body_box(plane: np.ndarray, level: float) -> tuple[slice, slice] | None:
     return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
 
 
-def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
-    """``mask`` (Z, Y, X) bool without its 8-connected in-plane components smaller than ``min_pixels``."""
+def remove_small_components(mask: np.ndarray, min_pixels: int, field: np.ndarray | None = None) -> np.ndarray:
+    """``mask`` (Z, Y, X) bool without its 8-connected in-plane components smaller than ``min_pixels``
+    and, where ``field`` (Z, Y, X) bool is given, without those that have no pixel in it."""
     from scipy import ndimage
 
     kept = np.zeros_like(mask, dtype=bool)
@@ -202,5 +244,8 @@ def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
         if count:
             sizes = np.bincount(labels.ravel())
             sizes[0] = 0
-            kept[z] = sizes[labels] >= min_pixels
+            good = sizes >= min_pixels
+            if field is not None:
+                good &= np.bincount(labels.ravel(), weights=field[z].ravel(), minlength=count + 1) > 0
+            kept[z] = good[labels]
     return kept

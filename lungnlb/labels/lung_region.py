@@ -1,8 +1,17 @@
-"""A rough lung mask of a CT slice in the model's input range, to restrict uncertainty to the lungs.
+"""Rough lung masks of a CT slice in the model's input range [0, 1].
 
-Per slice: Otsu's threshold separates dark (air, lung) from bright (body) pixels; the dark
-connected components that do not touch the image border are the lungs; holes are filled so that
-nodules inside the lungs count. A slice where this finds nothing falls back to the whole slice.
+`lungs`: Otsu's threshold separates dark (air, lung) from bright (body) pixels; the dark connected
+components that do not touch the image border are the lungs; holes are filled so that nodules
+inside the lungs count. None when there are none (a slice below or above the lungs, an image
+without the air around the patient, a crop).
+
+`lung_region`: the lungs, or the whole slice where none are found (where active learning looks
+for uncertainty).
+
+`lung_field`: where a lung tumour can be: the lungs closed with a disk of radius ``closing_px``.
+A tumour against the chest wall or the mediastinum is not a hole of the lung mask but a bite out
+of its outline; closing fills bites up to about 2 x ``closing_px`` across, while the mediastinum
+and the chest wall, wider than that, stay outside.
 """
 
 from __future__ import annotations
@@ -10,17 +19,35 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
+from skimage.morphology import disk
+
+
+def lungs(slice01: np.ndarray) -> np.ndarray | None:
+    """(H, W) image in [0, 1] -> (H, W) bool lung mask, or None where no lung is found."""
+    if float(slice01.max() - slice01.min()) < 1e-6:
+        return None
+    dark = slice01 < threshold_otsu(slice01)
+    components, count = ndimage.label(~dark)
+    if not count:
+        return None
+    body = components == 1 + np.argmax(np.bincount(components.ravel())[1:])
+    inner = dark & ndimage.binary_fill_holes(body)
+    return ndimage.binary_fill_holes(inner) if inner.any() else None
 
 
 def lung_region(slice01: np.ndarray) -> np.ndarray:
     """(H, W) image in [0, 1] -> (H, W) bool lung mask (whole slice if no lung is found)."""
-    if float(slice01.max() - slice01.min()) < 1e-6:
-        return np.ones(slice01.shape, dtype=bool)
-    dark = slice01 < threshold_otsu(slice01)
-    components, count = ndimage.label(dark)
-    border = np.unique(np.concatenate([components[0], components[-1], components[:, 0], components[:, -1]]))
-    inner = dark & ~np.isin(components, border)
-    if not inner.any():
-        return np.ones(slice01.shape, dtype=bool)
-    return ndimage.binary_fill_holes(inner)
+    found = lungs(slice01)
+    return np.ones(slice01.shape, dtype=bool) if found is None else found
 
+
+def lung_field(slice01: np.ndarray, closing_px: int, min_pixels: int) -> np.ndarray | None:
+    """(H, W) image in [0, 1] -> (H, W) bool: the lungs closed by a disk of radius ``closing_px``;
+    None when the lungs found cover fewer than ``min_pixels`` (no lung on this slice)."""
+    found = lungs(slice01)
+    if found is None or found.sum() < min_pixels:
+        return None
+    # pad so that closing does not shrink the field where the lungs come near the image border
+    padded = np.pad(found, closing_px)
+    closed = ndimage.binary_closing(padded, structure=disk(closing_px))
+    return closed[closing_px:-closing_px, closing_px:-closing_px] | found
