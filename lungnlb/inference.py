@@ -103,7 +103,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(
         cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu", batch_size: int = 8
-    ) -> "Predictor":
+    ) -> Predictor:
         """Load a checkpoint (the shipped default weights when `path` is None)."""
         from lungnlb.checkpoint import default_checkpoint_path, load_model
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from train_helpers import DATA
 
 from lungnlb.inference import Predictor, remove_small_components
 from lungnlb.io import read_image
 from lungnlb.labels.lung_region import lung_field
-from train_helpers import DATA
 
 SAMPLE_CT = "sample_data/studies/Lung_Dx-A0001_2.000000-5mm-40805.nii.gz"
 
