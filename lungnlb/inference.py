@@ -160,7 +160,7 @@ class Predictor:
         512 x 512 volume would otherwise hold its 64 MiB of probabilities two more times).
         """
         if self.native:
-            return self._predict_windows(volume)
+            return self.finish_windows(*self.window_probability(volume), self.threshold)
         depth, size = volume.shape[0], tuple(volume.shape[-2:])
         slice_probability = np.empty(depth, dtype=np.float32)
         probability = None
@@ -176,32 +176,41 @@ class Predictor:
                 probability[start:stop] = torch.sigmoid(resize_batch(output["seg"].float(), size))[:, 0].cpu().numpy()
         return probability, slice_probability
 
-    def _predict_windows(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The native form: sliding window per slice over the body, the windows that miss the lung
-        field skipped, components that miss it and small ones removed, slice = max of the mask."""
+    def window_probability(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The native form's first step: (raw mask probability, field) of (Z, Y, X) slices in [0, 1],
+        by sliding window per slice over the body, the windows that miss the lung field skipped;
+        ``field`` is where a kept component must have a pixel (all True where no lungs were sought)."""
         from monai.inferers import SlidingWindowInferer
 
         air = self.air()
         inferer = SlidingWindowInferer(roi_size=self.patch_size, sw_batch_size=WINDOW_BATCH, overlap=WINDOW_OVERLAP,
                                        mode="gaussian", padding_mode="constant", cval=air)
-        fields = [self.lung_field(plane) for plane in volume]
-        skip_lungless = len(volume) > 1 and any(field is not None for field in fields)
+        lungs = [self.lung_field(plane) for plane in volume]
+        skip_lungless = len(volume) > 1 and any(found is not None for found in lungs)
         probability = np.zeros(volume.shape, dtype=np.float32)
-        keep = np.ones(volume.shape, dtype=bool)
-        for z, field in enumerate(fields):
+        field = np.ones(volume.shape, dtype=bool)
+        for z, found in enumerate(lungs):
             box = body_box(volume[z], air + BODY_MARGIN)
-            if box is None or (field is None and skip_lungless):
+            if box is None or (found is None and skip_lungless):
                 continue  # no patient, or a slice of a chest CT above or below the lungs
             region = torch.from_numpy(np.ascontiguousarray(volume[z][box], dtype=np.float32))[None, None]
-            if field is None:
+            if found is None:
                 logits = inferer(region.to(self.device), self._seg_logits)
             else:
-                keep[z] = field
-                where = torch.from_numpy(field[box].astype(np.float32))[None, None]
+                field[z] = found
+                where = torch.from_numpy(found[box].astype(np.float32))[None, None]
                 logits = inferer(region.to(self.device), self._seg_logits, condition=where.to(self.device))
             probability[z][box] = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+        return probability, field
+
+    def finish_windows(self, probability: np.ndarray, field: np.ndarray, threshold: float
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """The native form's second step, at ``threshold``: components that miss ``field`` and small
+        ones zeroed; (probability, slice probability = the highest one left, so a slice is called
+        tumour exactly when its mask is non-empty at the threshold). Validation calls it once per
+        candidate threshold on one `window_probability`."""
         minimum = int(self.config.get("min_component_pixels", MIN_COMPONENT_PIXELS))
-        probability *= remove_small_components(probability > self.threshold, minimum, keep)
+        probability = probability * remove_small_components(probability > threshold, minimum, field)
         return probability, probability.reshape(len(probability), -1).max(axis=1, initial=0.0)
 
     def _seg_logits(self, windows: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from train_helpers import DATA, TINY_KWARGS
 
 from lungnlb.checkpoint import load_model
 from lungnlb.inference import Predictor, remove_small_components
@@ -14,7 +15,6 @@ from lungnlb.training.augment import patch_transforms
 from lungnlb.training.dataset import SliceDataset, SliceSample
 from lungnlb.training.trainer import TrainConfig, train
 from lungnlb.training.validation import validation_score
-from train_helpers import DATA, TINY_KWARGS
 
 PATCH = 32
 
@@ -105,3 +105,25 @@ def test_windows_cover_the_body_only():
     probability, slice_probability = predictor.predict_normalized(air_only)
     assert not probability.any() and slice_probability[0] == 0.0
 
+
+
+def test_validation_fits_the_mask_threshold_with_the_best_score():
+    from lungnlb.training.trainer import checkpoint_config
+    from lungnlb.training.validation import SEG_THRESHOLDS, window_metrics
+
+    torch.manual_seed(0)
+    predictor = _native_predictor(build_model("unet_sl_nlb", **TINY_KWARGS))
+    rng = np.random.default_rng(0)
+    tumour = np.zeros((40, 40), bool)
+    tumour[10:20, 10:20] = True
+    samples = [SliceSample("t", "p", "s", 0, rng.uniform(0, 1, (40, 40)).astype(np.float32), tumour, 1),
+               SliceSample("f", "q", "s", 0, rng.uniform(0, 1, (40, 40)).astype(np.float32), None, 0)]
+    seen = {}
+    best = window_metrics(predictor.model, samples, torch.device("cpu"), predictor.config,
+                          report=lambda threshold, metrics: seen.update({threshold: validation_score(metrics)}))
+    assert sorted(seen) == sorted(SEG_THRESHOLDS)
+    assert best["threshold"] == max(seen, key=lambda t: (seen[t], -SEG_THRESHOLDS.index(t)))
+    config = TrainConfig(data="d", out="o", patch_size=PATCH)
+    from lungnlb.io.intensity import IntensityMapping
+
+    assert checkpoint_config(config, {}, best, 1, IntensityMapping())["threshold"] == best["threshold"]

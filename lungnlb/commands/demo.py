@@ -21,7 +21,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "default: a tumour image of the bundled sample")
     parser.add_argument("--checkpoint", type=Path, help="model checkpoint (.pt); default: the shipped weights")
     parser.add_argument("--out", type=Path, default=Path("lungnlb_demo.png"), help="PNG to write")
-    parser.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is tumour")
+    parser.add_argument("--threshold", type=float,
+                        help="probability above which a pixel is tumour (default: the checkpoint's)")
 
 
 def default_sample_image(studies: Path = SAMPLE_STUDIES) -> Path:
@@ -67,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     if checkpoint is None:
         raise FileNotFoundError("no trained weights are shipped with this install; pass --checkpoint")
     model, config = load_model(checkpoint)
-    result = Predictor(model, config).predict(image.array, image.intensity)
+    predictor = Predictor(model, config)
+    result = predictor.predict(image.array, image.intensity)
+    threshold = predictor.threshold if args.threshold is None else args.threshold
 
     slices = image.array if image.array.ndim == 3 else image.array[None]
     probability = result.probability if image.array.ndim == 3 else result.probability[None]
@@ -76,9 +79,9 @@ def run(args: argparse.Namespace) -> int:
     reference = original_label(image_path)
     if reference is not None and reference.ndim == 3:
         reference = reference[z]
-    save_overlay(args.out, slices[z], probability[z] >= args.threshold, reference,
+    save_overlay(args.out, slices[z], probability[z] > threshold, reference,
                  title=f"{image_path.name}  slice {z}  tumour probability {slice_probability[z]:.2f}\n"
                        f"({patient_status(image_path, config)})")
     print(f"tumour probability {slice_probability[z]:.3f} (slice {z}); "
-          f"mask {int((probability[z] >= args.threshold).sum())} px; overlay written to {args.out}")
+          f"mask {int((probability[z] > threshold).sum())} px; overlay written to {args.out}")
     return 0

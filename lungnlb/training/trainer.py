@@ -11,7 +11,8 @@ classification-only ones. Validation (rank 0) runs every `val_every` steps and a
 whole-slice model it also calibrates the classification head: the threshold with the best
 validation F1 is stored as `cls_logit_offset` (its logit) in the checkpoint config, and `Predictor`
 subtracts it from the cls logit, so that the operating point chosen on validation data is
-probability 0.5 everywhere. `best` keeps the highest validation score (harmonic mean of Dice over
+probability 0.5 everywhere; for a native-resolution model it fits the mask threshold instead
+(`lungnlb.training.validation.window_metrics`), stored as the config's ``threshold``. `best` keeps the highest validation score (harmonic mean of Dice over
 tumour slices and F1, so a Dice-0 model is never kept), `last` the latest weights plus the optimiser
 state for `--resume`. Learning rate: linear warm-up over 5% of the steps, then cosine to 0.
 """
@@ -23,9 +24,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +48,11 @@ from lungnlb.training.dataset import (
 )
 from lungnlb.training.loss import MultiTaskLoss
 from lungnlb.training.split import all_train_split, load_split, make_split, save_split
-from lungnlb.training.validation import validation_metrics, validation_score, validation_subset
+from lungnlb.training.validation import (
+    validation_metrics,
+    validation_score,
+    validation_subset,
+)
 
 
 @dataclass
@@ -259,7 +265,7 @@ def checkpoint_config(
         "input_size": [size, size],
         **native,
         "intensity": mapping.as_config(),
-        "threshold": 0.5,
+        "threshold": metrics.get("threshold", 0.5),
         "cls_logit_offset": metrics.get("cls_logit_offset", 0.0),
         "training_data": summary,
         "metrics": metrics,
@@ -316,13 +322,20 @@ def load_training_set(config: TrainConfig, records: list[dict[str, Any]], split:
     size = None if config.patch_size else (config.input_size, config.input_size)
     train_samples = load_slices(config.data, size, split["images"]["train"], records,
                                 progress=config.progress and rank == 0, mapping=mapping)
-    val_samples = load_slices(config.data, size, split["images"]["val"], records, mapping=mapping) if rank == 0 else []
     if not is_segmentation_model(config.model):
         train_samples = [s for s in train_samples if s.class_label is not None]
     if config.patch_size:  # only slices whose every patch has a known truth: a lesion mask, or tumour-free
         train_samples = [s for s in train_samples if s.class_label == 0 or (s.mask is not None and s.mask.any())]
-    return TrainingSet(train_samples, validation_subset(val_samples, config.val_slices, config.seed),
-                       data_summary(config.data, train_samples, split))
+    val_samples = load_validation_set(config, records, split, mapping) if rank == 0 else []
+    return TrainingSet(train_samples, val_samples, data_summary(config.data, train_samples, split))
+
+
+def load_validation_set(config: TrainConfig, records: list[dict[str, Any]], split: dict[str, Any],
+                        mapping: IntensityMapping) -> list[SliceSample]:
+    """The split's validation slices a run with `config` validates on (the seeded draw of `config.val_slices`)."""
+    size = None if config.patch_size else (config.input_size, config.input_size)
+    samples = load_slices(config.data, size, split["images"]["val"], records, mapping=mapping)
+    return validation_subset(samples, config.val_slices, config.seed)
 
 
 def fit(
@@ -426,7 +439,7 @@ def fit(
 
 
 def _loader(config: TrainConfig, samples: list[SliceSample], weights: np.ndarray, mapping: IntensityMapping,
-            rank: int, world_size: int, step: int, device: torch.device) -> tuple[DataLoader, "WeightedShardSampler"]:
+            rank: int, world_size: int, step: int, device: torch.device) -> tuple[DataLoader, WeightedShardSampler]:
     """MONAI's DataLoader over the augmented samples, drawn by a seeded weighted sampler (this rank's shard)."""
     transform_seed = config.seed * 1000 + rank + step
     if config.patch_size:

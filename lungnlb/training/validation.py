@@ -4,12 +4,16 @@ selection score, and the draw that keeps a long validation list affordable.
 A whole-slice model predicts already-resized samples in batches and its classification threshold is
 fitted (the F1-best threshold, stored as a logit offset); a native-resolution model predicts each
 slice through the deployed sliding-window `Predictor` and calls a slice tumour when its mask is
-non-empty, so validation measures exactly what inference will do.
+non-empty, so validation measures exactly what inference will do; its mask threshold is fitted
+too: of `SEG_THRESHOLDS`, the one with the best `validation_score` (Dice and slice F1, tumour-free
+slices included, so a threshold that buys Dice with false alarms loses), stored as the
+checkpoint's ``threshold``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,15 +46,30 @@ def predict_samples(
     return (masks or None), (np.concatenate(scores) if scores else np.zeros(0))
 
 
-def predict_windows(
-    model: nn.Module, samples: list[SliceSample], device: torch.device, config: dict[str, Any]
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Native-resolution validation: each slice through the deployed sliding-window `Predictor`."""
+SEG_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def window_metrics(
+    model: nn.Module, samples: list[SliceSample], device: torch.device, config: dict[str, Any],
+    report: Callable[[float, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Native-resolution validation: each slice through the deployed sliding-window `Predictor`
+    once, finished at every threshold of `SEG_THRESHOLDS` (each threshold's metrics to ``report``);
+    the metrics of the best, with its ``threshold``."""
     from lungnlb.inference import Predictor
 
     predictor = Predictor(model, config, device=device, batch_size=16)
-    results = [predictor.predict_normalized(s.image[None]) for s in samples]
-    return [r[0][0] for r in results], np.array([float(r[1][0]) for r in results])
+    raw = [predictor.window_probability(s.image[None]) for s in samples]
+    best: dict[str, Any] = {}
+    for threshold in SEG_THRESHOLDS:
+        finished = [predictor.finish_windows(probability, field, threshold) for probability, field in raw]
+        metrics = sample_metrics(samples, [p[0] for p, _ in finished], np.array([float(s[0]) for _, s in finished]),
+                                 seg_threshold=threshold, cls_threshold=threshold)
+        if report is not None:
+            report(threshold, metrics)
+        if not best or validation_score(metrics) > validation_score(best):
+            best = {**metrics, "threshold": threshold, "cls_logit_offset": 0.0}
+    return best
 
 
 def validation_metrics(
@@ -59,24 +78,35 @@ def validation_metrics(
     """Dice/IoU/false-positive rate on slices with masks, P/R/F1 on slices with class labels.
 
     ``windows``: the checkpoint config of a native-resolution model, whose slices are predicted by
-    sliding window and called tumour when their mask is non-empty (no threshold is fitted then).
+    sliding window and called tumour when their mask is non-empty at the fitted ``threshold``.
     """
     model.eval()
     if windows is not None:
-        probabilities, scores = predict_windows(model, samples, device, windows)
-    else:
-        probabilities, scores = predict_samples(model, samples, device)
+        return window_metrics(model, samples, device, windows)
+    probabilities, scores = predict_samples(model, samples, device)
+    labelled = [i for i, s in enumerate(samples) if s.class_label is not None]
+    labels = np.array([samples[i].class_label for i in labelled])
+    cls_threshold = f1_best_threshold(scores[labelled], labels) if labelled else 0.5
+    metrics = sample_metrics(samples, probabilities, scores, seg_threshold=0.5, cls_threshold=cls_threshold)
+    if labelled:
+        metrics["cls_logit_offset"] = logit_offset(cls_threshold)
+    return metrics
+
+
+def sample_metrics(samples: list[SliceSample], probabilities: list[np.ndarray] | None, scores: np.ndarray,
+                   seg_threshold: float, cls_threshold: float) -> dict[str, Any]:
+    """Segmentation metrics over the samples with a mask (pixels above ``seg_threshold``),
+    classification metrics over those with a class label (scores above ``cls_threshold``)."""
     metrics: dict[str, Any] = {}
     seg_index = [i for i, s in enumerate(samples) if s.mask is not None]
     if probabilities is not None and seg_index:
-        per_slice = per_slice_segmentation([probabilities[i] for i in seg_index], [samples[i].mask for i in seg_index])
+        per_slice = per_slice_segmentation([probabilities[i] for i in seg_index], [samples[i].mask for i in seg_index],
+                                           seg_threshold)
         metrics.update(summarize_segmentation(per_slice))
     cls_index = [i for i, s in enumerate(samples) if s.class_label is not None]
     if cls_index:
         labels = np.array([samples[i].class_label for i in cls_index])
-        threshold = 0.5 if windows is not None else f1_best_threshold(scores[cls_index], labels)
-        metrics.update(classification_metrics(scores[cls_index], labels, threshold))
-        metrics["cls_logit_offset"] = logit_offset(threshold) if windows is None else 0.0
+        metrics.update(classification_metrics(scores[cls_index], labels, cls_threshold))
     return metrics
 
 
