@@ -21,11 +21,35 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from monai.transforms import MapTransform
 from torch import nn
 
 from lungnlb.checkpoint import build_from_config, checkpoint_paths, load_model
 from lungnlb.io.atomic import atomic_write, atomic_write_text
+
+
+class KeepLungComponentsd(MapTransform):
+    """Keep the components of a binary (1, Y, X) ``pred`` that touch the lung field of ``image`` (the
+    model input, same grid), as `lungnlb.inference.Predictor` does; a crop keeps them all."""
+
+    def __init__(self, keys: str, image_key: str, config: dict[str, Any]) -> None:
+        super().__init__(keys)
+        self.image_key = image_key
+        self.config = config
+
+    def __call__(self, data: dict) -> dict:
+        from lungnlb.inference import remove_small_components, slice_lung_field
+
+        data = dict(data)
+        field = slice_lung_field(np.asarray(data[self.image_key])[0], self.config)
+        for key in self.key_iterator(data):
+            if field is not None:
+                pred = data[key]
+                kept = remove_small_components(np.asarray(pred)[:1] > 0.5, 1, field[None])
+                data[key] = pred * torch.as_tensor(kept, dtype=pred.dtype, device=pred.device)
+        return data
 
 
 class SegClsOutputs(nn.Module):
@@ -74,23 +98,25 @@ def export_torchscript(checkpoint: str | os.PathLike, path: str | os.PathLike) -
 def inference_config(config: dict[str, Any]) -> dict[str, Any]:
     """The bundle's configs/inference.json for a checkpoint config: for a native-resolution
     checkpoint (``patch_size``) the deployed form of `Predictor` — MONAI's Gaussian sliding window at
-    the slice's own size, air padding, components under `MIN_COMPONENT_PIXELS` removed — else the
-    slice resized to ``input_size`` for one forward pass."""
-    from lungnlb.inference import MIN_COMPONENT_PIXELS, WINDOW_BATCH, WINDOW_OVERLAP
+    the slice's own size over the body's box, air padding, components under `MIN_COMPONENT_PIXELS` and those that miss
+    the lung field of a whole slice removed (on the model's grid, before the orientation is
+    inverted) — else the slice resized to ``input_size`` for one forward pass."""
+    from lungnlb.inference import BODY_MARGIN, WINDOW_BATCH, WINDOW_OVERLAP
     from lungnlb.io.intensity import LUNG_WINDOW, IntensityMapping, window_bounds
 
     low, high = window_bounds(tuple((config.get("intensity") or {}).get("window") or LUNG_WINDOW))
     size = [int(v) for v in config["input_size"]]
     native = "patch_size" in config
-    resize = [] if native else [{"_target_": "Resized", "keys": "image", "spatial_size": size, "mode": "bilinear"}]
+    air = IntensityMapping.from_config(config.get("intensity")).air()
+    # a native model's windows lie where Predictor lays them, over the body's box (its output depends on where they fall)
+    body = {"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "allow_smaller": True,
+            "select_fn": f"$lambda x: x > {air + BODY_MARGIN!r}"}
+    size_step = [body] if native else [{"_target_": "Resized", "keys": "image", "spatial_size": size, "mode": "bilinear"}]
     inferer = {"_target_": "SimpleInferer"}
-    small = []
     if native:
         inferer = {"_target_": "SlidingWindowInferer", "roi_size": [int(v) for v in config["patch_size"]],
                    "sw_batch_size": WINDOW_BATCH, "overlap": WINDOW_OVERLAP, "mode": "gaussian",
-                   "padding_mode": "constant", "cval": IntensityMapping.from_config(config.get("intensity")).air()}
-        minimum = int(config.get("min_component_pixels", MIN_COMPONENT_PIXELS))
-        small = [{"_target_": "RemoveSmallObjectsd", "keys": "pred", "min_size": minimum, "connectivity": 2}]
+                   "padding_mode": "constant", "cval": air}
     return {
         "imports": ["$import torch", "$import lungnlb.export"],
         "bundle_root": ".",
@@ -113,25 +139,14 @@ def inference_config(config: dict[str, Any]) -> dict[str, Any]:
                 {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": low, "a_max": high,
                  "b_min": 0.0, "b_max": 1.0, "clip": True},
                 {"_target_": "Transposed", "keys": "image", "indices": [0, 2, 1]},
-                *resize,
+                *size_step,
                 {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
             ],
         },
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "num_workers": 0},
         "inferer": inferer,
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-                 "nearest_interp": False, "to_tensor": True},
-                {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
-                {"_target_": "AsDiscreted", "keys": "pred", "threshold": float(config.get("threshold", 0.5))},
-                *small,
-                {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
-                 "output_dtype": "$torch.uint8", "separate_folder": False, "resample": False},
-            ],
-        },
+        "postprocessing": {"_target_": "Compose", "transforms": postprocessing(config)},
         "evaluator": {
             "_target_": "SupervisedEvaluator",
             "device": "@device",
@@ -142,6 +157,28 @@ def inference_config(config: dict[str, Any]) -> dict[str, Any]:
         },
         "run": ["$@evaluator.run()"],
     }
+
+
+def postprocessing(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The bundle's post-processing: a native checkpoint's mask is made on the model's grid (where
+    the lung field is found), then put back in the input's orientation; a whole-slice checkpoint's
+    probabilities are resized back first."""
+    from lungnlb.inference import MIN_COMPONENT_PIXELS
+
+    invert = {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+              "nearest_interp": False, "to_tensor": True}
+    discrete = [{"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
+                {"_target_": "AsDiscreted", "keys": "pred", "threshold": float(config.get("threshold", 0.5))}]
+    save = {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
+            "output_dtype": "$torch.uint8", "separate_folder": False, "resample": False}
+    if "patch_size" not in config:
+        return [invert, *discrete, save]
+    minimum = int(config.get("min_component_pixels", MIN_COMPONENT_PIXELS))
+    return [*discrete,
+            {"_target_": "RemoveSmallObjectsd", "keys": "pred", "min_size": minimum, "connectivity": 2},
+            {"_target_": "lungnlb.export.KeepLungComponentsd", "keys": "pred", "image_key": "image",
+             "config": {key: config[key] for key in ("lung_filter", "lung_closing_px") if key in config}},
+            invert, save]
 
 
 def bundle_metadata(config: dict[str, Any]) -> dict[str, Any]:

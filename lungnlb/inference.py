@@ -226,12 +226,18 @@ class Predictor:
         return logits
 
     def lung_field(self, plane: np.ndarray) -> np.ndarray | None:
-        """Where a lung tumour can be on this whole slice, or None (a crop, no lungs found, filter off)."""
-        from lungnlb.labels.lung_region import lung_field
+        """Where a lung tumour can be on this slice under this checkpoint, or None (see `slice_lung_field`)."""
+        return slice_lung_field(plane, self.config)
 
-        if not self.config.get("lung_filter", True) or min(plane.shape) < LUNG_FIELD_MIN_SIZE:
-            return None
-        return lung_field(plane, int(self.config.get("lung_closing_px", LUNG_CLOSING_PX)), MIN_LUNG_PIXELS)
+
+def slice_lung_field(plane: np.ndarray, config: dict[str, Any]) -> np.ndarray | None:
+    """Where a lung tumour can be on a (Y, X) slice in [0, 1], under a checkpoint ``config``: the
+    lung field of a whole slice, or None (a crop, no lungs found, ``lung_filter`` off in the config)."""
+    from lungnlb.labels.lung_region import lung_field
+
+    if not config.get("lung_filter", True) or min(plane.shape) < LUNG_FIELD_MIN_SIZE:
+        return None
+    return lung_field(plane, int(config.get("lung_closing_px", LUNG_CLOSING_PX)), MIN_LUNG_PIXELS)
 
 
 def body_box(plane: np.ndarray, level: float) -> tuple[slice, slice] | None:
