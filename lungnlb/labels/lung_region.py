@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
-from skimage.morphology import disk
 
 
 def lungs(slice01: np.ndarray) -> np.ndarray | None:
@@ -47,7 +46,10 @@ def lung_field(slice01: np.ndarray, closing_px: int, min_pixels: int) -> np.ndar
     found = lungs(slice01)
     if found is None or found.sum() < min_pixels:
         return None
-    # pad so that closing does not shrink the field where the lungs come near the image border
+    # closing by a disk = dilation then erosion, each a threshold of a Euclidean distance transform
+    # (linear time, where a 21 x 21 structuring element costs most of a slice's post-processing); the
+    # padding keeps the erosion from eating the field where the lungs come near the image border
     padded = np.pad(found, closing_px)
-    closed = ndimage.binary_closing(padded, structure=disk(closing_px))
+    dilated = ndimage.distance_transform_edt(~padded) <= closing_px
+    closed = ndimage.distance_transform_edt(dilated) > closing_px
     return closed[closing_px:-closing_px, closing_px:-closing_px] | found
