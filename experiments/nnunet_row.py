@@ -181,14 +181,24 @@ def trained_predictor(trainer, device: torch.device):
 def run_nnunet(studies: Path, split_path: Path, test_ids: list[str], seed: int, budget: dict, out: Path,
                recipe: dict) -> dict:
     """Export, plan, preprocess, train within `budget["seconds"]`, evaluate: the row's run record
-    (without row, seed and stamp), with the figures `experiments.paper_tables.scored` keeps."""
-    from experiments.paper_tables import load_average, scored
-
+    (without row, seed and stamp), with the figures `experiments.paper_tables.scored` keeps. torch's
+    thread count, which nnU-Net's planner changes, is restored for the rows that run after it."""
     if not nnunet_available():
         raise RuntimeError("nnunetv2 is not installed: pip install '.[nnunet]' (in its own environment)")
+    threads = torch.get_num_threads()
+    try:
+        return _run_nnunet(studies, split_path, test_ids, seed, budget, out, recipe)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_nnunet(studies: Path, split_path: Path, test_ids: list[str], seed: int, budget: dict, out: Path,
+                recipe: dict) -> dict:
+    from experiments.paper_tables import load_average, scored
+
     started, cpu_started = time.perf_counter(), time.process_time()
     use_folders(out)
-    os.environ.setdefault("nnUNet_n_proc_DA", str(budget["workers"]))
+    os.environ.setdefault("nnUNet_n_proc_DA", str(max(1, budget["workers"])))  # its planner sets torch's threads to it
     os.environ.setdefault("nnUNet_compile", "f")  # the other rows are not compiled either
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -196,18 +206,16 @@ def run_nnunet(studies: Path, split_path: Path, test_ids: list[str], seed: int, 
     plan_and_preprocess(budget["workers"])
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
     (preprocessed / "splits_final.json").write_text(json.dumps([fold]), encoding="utf-8")
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.run.run_training import get_trainer_from_args
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text(encoding="utf-8"))
-    dataset = json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
-    trainer = nnUNetTrainer(plans, CONFIGURATION, 0, dataset, device=device)
+    trainer = get_trainer_from_args(DATASET_NAME, CONFIGURATION, 0, device=device)
     epochs = train_within_budget(trainer, budget["seconds"])
     trained, cpu = time.perf_counter() - started, time.process_time() - cpu_started  # with export, plan, preprocess
     report, _ = evaluate(studies, NnUNetSlices(trained_predictor(trainer, device), IntensityMapping()), test_ids,
                          n_bootstrap=0)
-    patch = plans["configurations"][CONFIGURATION]["patch_size"]
-    return {"model": f"nnU-Net v2 {CONFIGURATION}, fold 0 = the table's split", "input": f"{patch[0]}x{patch[1]} px patches",
-            "batch_size": plans["configurations"][CONFIGURATION]["batch_size"], "epochs": epochs,
+    plan = trainer.configuration_manager
+    return {"model": f"nnU-Net v2 {CONFIGURATION}, fold 0 = the table's split",
+            "input": f"{plan.patch_size[0]} x {plan.patch_size[1]} px patches", "batch_size": plan.batch_size, "epochs": epochs,
             "steps": epochs * EPOCH_ITERATIONS, "train_seconds": round(trained, 1), "train_cpu_seconds": round(cpu, 1),
             "seconds": round(time.perf_counter() - started, 1), "load_average": load_average(), **scored(report)}
