@@ -168,11 +168,14 @@ class NnUNetSlices:
 
 
 def trained_predictor(trainer, device: torch.device):
-    """nnU-Net's predictor over the trainer's final weights (as its own final validation builds it)."""
+    """nnU-Net's predictor over the trainer's final weights (as its own final validation builds it,
+    deep supervision off), with those weights as its one parameter set."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    trainer.set_deep_supervision_enabled(False)
     predictor = nnUNetPredictor(use_mirroring=False, device=device, allow_tqdm=False)
-    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager,
+                                    [trainer.network.state_dict()],
                                     trainer.dataset_json, trainer.__class__.__name__,
                                     trainer.inference_allowed_mirroring_axes)
     return predictor

@@ -41,6 +41,7 @@ def test_a_row_that_cannot_take_64_pixels_gets_the_smallest_patch_it_can():
 
 def _run(row: str, seed: int, dice: float) -> dict:
     return {"row": row, "seed": seed, "dice": dice, "iou": dice / 2, "precision": 0.5, "recall": 0.5, "f1": 0.5,
+            "specificity": 0.25,
             "patch_size": 64, "steps": 100 + seed, "train_seconds": 240.0, "seconds": 300.0}
 
 
@@ -62,6 +63,7 @@ def test_parts_merge_replacing_only_the_same_row_and_seed(tmp_path):
     text = paper_tables.markdown(result)
     assert "| unet | 2 | 0.500 ± 0.141 | 0.250 ± 0.071 |" in text  # Table II: two seeds, mean ± sd
     assert "| unet_sl_nlb | 1 | 0.100 ± 0.000 |" in text
+    assert "| unet | 2 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.250 ± 0.000 | 0.500 ± 0.000 | – |" in text  # Table I
     assert "| unet | 1 | 64 px patches | 101 | 240 | 300 | – |" in text
 
 
@@ -78,7 +80,7 @@ def test_runs_of_another_budget_or_split_are_refused(tmp_path, other):
 def test_the_earlier_whole_slice_result_file_still_renders():
     path = Path(paper_tables.ROOT) / "experiments" / "results" / "paper_tables_cpu.json"
     text = paper_tables.markdown(json.loads(path.read_text()))
-    assert "| unet_sl_nlb | 3 | 0.826 ± 0.103 |" in text and "### Runs" not in text
+    assert "| unet_sl_nlb | 3 | 0.826 ± 0.103 | 0.874 ± 0.062 | – |" in text and "### Runs" not in text
 
 
 def _sample(image_id: str, z: int, mask: np.ndarray | None, label: int | None) -> SliceSample:
