@@ -127,7 +127,7 @@ def patient_cv() -> str:
 
 
 NATIVE_ROWS = (  # (label, evaluation report)
-    ("native, 64 px patches, 3000 steps (shipped)", EXPERIMENTS / "native_test.json"),
+    ("native, 64 px patches, 3000 steps, lung field, threshold 0.2 (shipped)", EXPERIMENTS / "native_test.json"),
     ("native, 64 px patches, 700 steps (before)", EXPERIMENTS / "native_700_weights" / "native_test.json"),
     ("previous, whole slices at 128 px", EXPERIMENTS / "whole_slice_weights" / "test_split_crops.json"),
 )
