@@ -41,7 +41,7 @@ from benchmarks.app_studies import build_studies, tiny_checkpoint, write_sidecar
 from lungnlb.checkpoint import default_checkpoint_path
 from lungnlb.io import read_image, write_nifti
 from lungnlb.io.atomic import atomic_write_text
-from lungnlb.stamp import run_stamp
+from lungnlb.stamp import load_average, run_stamp
 
 LIGHT_PATHS = ("/info/", "/datastore/")
 TARGET_P99_MS = 1000.0
@@ -125,10 +125,6 @@ def wait_training_ended(url: str, timeout_s: float = 120.0) -> None:
             return
         time.sleep(1)
     raise TimeoutError("the training run did not stop")
-
-
-def load_average() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def print_phase(name: str, summary: dict[str, dict], extra: str = "") -> None:

@@ -42,10 +42,10 @@ import requests
 
 from benchmarks.app_server import start_server, stop_server
 from benchmarks.app_studies import build_studies
-from benchmarks.light_requests import Prober, load_average, resolve_checkpoint
+from benchmarks.light_requests import Prober, resolve_checkpoint
 from benchmarks.server import peak_rss_mb
 from lungnlb.io.atomic import atomic_write_text
-from lungnlb.stamp import run_stamp
+from lungnlb.stamp import load_average, run_stamp
 
 
 def decode_nifti(data: bytes) -> nib.Nifti1Image:

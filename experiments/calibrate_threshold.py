@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     known = {f.name for f in fields(TrainConfig)}
     train = TrainConfig(**{**{k: v for k, v in config["train"].items() if k in known}, "data": str(args.data)})
     records = read_records(args.data)
+    if not (args.split or train.split):
+        raise SystemExit(f"{args.checkpoint} names no split file (its run made its own): pass --split RUN/split.json")
     split = load_split(args.split or train.split, records)
     samples = load_validation_set(train, records, split, IntensityMapping.from_config(config.get("intensity")))
     metrics = window_metrics(model, samples, torch.device("cpu"), config, report=_print)

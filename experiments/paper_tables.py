@@ -39,7 +39,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -60,7 +59,7 @@ from lungnlb.evaluation.report import HEADLINE
 from lungnlb.inference import Predictor
 from lungnlb.io.atomic import atomic_write_text
 from lungnlb.networks import is_segmentation_model, size_divisor
-from lungnlb.stamp import run_stamp
+from lungnlb.stamp import load_average, run_stamp
 from lungnlb.training import (
     TrainConfig,
     load_split,
@@ -181,11 +180,6 @@ def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU, {torch.get_num_threads()} threads"
-
-
-def load_average() -> list[float]:
-    """The machine's 1, 5 and 15 minute load: how much others shared the budget's seconds."""
-    return [round(value, 2) for value in os.getloadavg()]
 
 
 def scored(report: dict) -> dict:

@@ -44,11 +44,12 @@ class KeepLungComponentsd(MapTransform):
 
         data = dict(data)
         field = slice_lung_field(np.asarray(data[self.image_key])[0], self.config)
+        if field is None:
+            return data
         for key in self.key_iterator(data):
-            if field is not None:
-                pred = data[key]
-                kept = remove_small_components(np.asarray(pred)[:1] > 0.5, 1, field[None])
-                data[key] = pred * torch.as_tensor(kept, dtype=pred.dtype, device=pred.device)
+            pred = data[key]
+            kept = remove_small_components(np.asarray(pred)[:1] > 0.5, 1, field[None])
+            data[key] = pred * torch.as_tensor(kept, dtype=pred.dtype, device=pred.device)
         return data
 
 
@@ -98,9 +99,9 @@ def export_torchscript(checkpoint: str | os.PathLike, path: str | os.PathLike) -
 def inference_config(config: dict[str, Any]) -> dict[str, Any]:
     """The bundle's configs/inference.json for a checkpoint config: for a native-resolution
     checkpoint (``patch_size``) the deployed form of `Predictor` — MONAI's Gaussian sliding window at
-    the slice's own size over the body's box, air padding, components under `MIN_COMPONENT_PIXELS` and those that miss
-    the lung field of a whole slice removed (on the model's grid, before the orientation is
-    inverted) — else the slice resized to ``input_size`` for one forward pass."""
+    the slice's own size over the body's box, air padding, components under `MIN_COMPONENT_PIXELS`
+    and those that miss the lung field of a whole slice removed (`postprocessing`) — else the slice
+    resized to ``input_size`` for one forward pass."""
     from lungnlb.inference import BODY_MARGIN, WINDOW_BATCH, WINDOW_OVERLAP
     from lungnlb.io.intensity import LUNG_WINDOW, IntensityMapping, window_bounds
 

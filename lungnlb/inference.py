@@ -19,9 +19,10 @@ of two forms, chosen by the checkpoint:
   most of its false positives, are left out. The windows stay where the body box puts them: the
   model's output depends on where a window falls, and windows laid over the lungs' box alone
   lowered whole-slice Dice. In a volume, slices without lungs (above or below them) are skipped.
-  Crops, and slices where no lungs are found, keep the whole body box. Predicted components smaller than
-  ``min_component_pixels`` are removed, and the slice probability is the highest remaining mask
-  probability, so a slice is called tumour exactly when its mask is non-empty at the threshold.
+  Crops, and slices where no lungs are found, keep the whole body box. Predicted components
+  smaller than ``min_component_pixels`` are removed, and the slice probability is the highest
+  remaining mask probability, so a slice is called tumour exactly when its mask is non-empty at
+  the threshold (``threshold``: fitted on validation slices, `lungnlb.training.validation`).
 
     array (Z, Y, X) or (Y, X)  ->  probability (Z, Y, X) or (Y, X) float32 in [0, 1]
                                    slice_probability (Z,) or scalar

@@ -1,7 +1,9 @@
-"""When and from which code a result file was made: the date and commit every cited result carries."""
+"""When, from which code and on how busy a machine a result file was made: the date and commit every
+cited result carries, and the load average timed results carry."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,3 +23,8 @@ def run_stamp() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         commit = f"lungnlb {lungnlb.__version__} (not a git checkout)"
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit}
+
+
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15 minute load: how much other work shared a timed result's seconds."""
+    return [round(value, 2) for value in os.getloadavg()]

@@ -1,8 +1,9 @@
 """Rough lung masks of a CT slice in the model's input range [0, 1].
 
-`lungs`: Otsu's threshold separates dark (air, lung) from bright (body) pixels; the dark connected
-components that do not touch the image border are the lungs; holes are filled so that nodules
-inside the lungs count. None when there are none (a slice below or above the lungs, an image
+`lungs`: Otsu's threshold separates dark (air, lung) from bright (body) pixels; the dark pixels
+inside the body (its largest bright component, holes filled) are the lungs, so the air around
+the patient and between the patient and the table is not; holes are filled again so that
+nodules inside the lungs count. None when there are none (a slice below or above the lungs, an image
 without the air around the patient, a crop).
 
 `lung_region`: the lungs, or the whole slice where none are found (where active learning looks

@@ -12,9 +12,9 @@ whole-slice model it also calibrates the classification head: the threshold with
 validation F1 is stored as `cls_logit_offset` (its logit) in the checkpoint config, and `Predictor`
 subtracts it from the cls logit, so that the operating point chosen on validation data is
 probability 0.5 everywhere; for a native-resolution model it fits the mask threshold instead
-(`lungnlb.training.validation.window_metrics`), stored as the config's ``threshold``. `best` keeps the highest validation score (harmonic mean of Dice over
-tumour slices and F1, so a Dice-0 model is never kept), `last` the latest weights plus the optimiser
-state for `--resume`. Learning rate: linear warm-up over 5% of the steps, then cosine to 0.
+(`lungnlb.training.validation.window_metrics`), stored as the config's ``threshold``. `best` keeps
+the highest validation score (harmonic mean of Dice over tumour slices and F1, so a Dice-0 model is
+never kept), `last` the latest weights plus the optimiser state for `--resume`. Learning rate: linear warm-up over 5% of the steps, then cosine to 0.
 """
 
 from __future__ import annotations
