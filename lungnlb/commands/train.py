@@ -42,6 +42,10 @@ HELP = {
     "amp": "mixed precision on GPU",
     "device": "torch device (default: cuda if available, else cpu)",
     "resume": "continue from RUN_DIR/last.pt and its optimiser state",
+    "init": "start from this checkpoint's weights (the same --model and --model-kwargs)",
+    "hard_negatives_from": "native-resolution training: add crops around this checkpoint's false alarms on the "
+                           "training whole slices as hard negatives",
+    "hard_negative_fraction": "expected share of hard-negative crops per batch",
 }
 NOT_OPTIONS = ("data", "out", "progress", "tensorboard")
 

@@ -45,6 +45,7 @@ class SliceSample:
     mask: np.ndarray | None
     class_label: int | None
     weight: float = 1.0  # relative chance of being drawn for a batch (the app draws original labels less often)
+    hard_negative: bool = False  # a crop around a trained model's false alarm (`lungnlb.training.hard_negatives`)
 
 
 def _resize(array: np.ndarray, size: tuple[int, int], is_mask: bool = False) -> np.ndarray:

@@ -15,6 +15,10 @@ probability 0.5 everywhere; for a native-resolution model it fits the mask thres
 (`lungnlb.training.validation.window_metrics`), stored as the config's ``threshold``. `best` keeps
 the highest validation score (harmonic mean of Dice over tumour slices and F1, so a Dice-0 model is
 never kept), `last` the latest weights plus the optimiser state for `--resume`. Learning rate: linear warm-up over 5% of the steps, then cosine to 0.
+
+A run may start from a checkpoint's weights (`init`) and add hard-negative crops around another
+checkpoint's false alarms on the training slices (`hard_negatives_from`, drawn with probability
+`hard_negative_fraction`; `lungnlb.training.hard_negatives`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from monai.data import DataLoader
 from torch import nn
 from torch.utils.data import Sampler
 
-from lungnlb.checkpoint import load_training_state, save_checkpoint, save_training_state
+from lungnlb.checkpoint import load_training_state, read_config, save_checkpoint, save_training_state
 from lungnlb.data.sources import ATTRIBUTION
 from lungnlb.io.intensity import IntensityMapping
 from lungnlb.training.augment import patch_transforms, train_transforms
@@ -90,6 +94,9 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     augment: bool = True
+    init: str | None = None  # start from this checkpoint's weights (same model and geometry)
+    hard_negatives_from: str | None = None  # mine hard-negative crops with this checkpoint (native training)
+    hard_negative_fraction: float = 0.2  # expected share of hard-negative crops per batch
 
 
 class WeightedShardSampler(Sampler[int]):
@@ -116,15 +123,23 @@ class WeightedShardSampler(Sampler[int]):
         return iter(drawn[self.rank :: self.world_size].tolist())
 
 
-def sample_weights(samples: list[SliceSample], seg_fraction: float | None) -> np.ndarray:
+def sample_weights(samples: list[SliceSample], seg_fraction: float | None, hard_fraction: float = 0.0) -> np.ndarray:
     """Each sample's own `weight`, times (when `seg_fraction` is set) the share giving slices with a
-    mask a total probability of `seg_fraction`. Drawing a sample with probability proportional to w
-    makes the expected batch loss the w-weighted mean loss, so weights need no term in the loss."""
+    mask a total probability of `seg_fraction`; hard-negative crops, when there are any, get a total
+    probability of `hard_fraction` and the rest keep their proportions in the remainder. Drawing a
+    sample with probability proportional to w makes the expected batch loss the w-weighted mean
+    loss, so weights need no term in the loss."""
+    hard = np.array([sample.hard_negative for sample in samples], dtype=bool)
+    weights = np.array([sample.weight for sample in samples], dtype=float)
+    if hard.any() and not hard.all():
+        rest = sample_weights([sample for sample, is_hard in zip(samples, hard) if not is_hard], seg_fraction)
+        weights[~hard] = rest / rest.sum() * (1 - hard_fraction)
+        weights[hard] *= hard_fraction / weights[hard].sum()
+        return weights
     has_mask = np.array([sample.mask is not None for sample in samples])
-    own = np.array([sample.weight for sample in samples], dtype=float)
     if seg_fraction is None or has_mask.all() or not has_mask.any():
-        return own
-    return own * np.where(has_mask, seg_fraction / has_mask.sum(), (1 - seg_fraction) / (~has_mask).sum())
+        return weights
+    return weights * np.where(has_mask, seg_fraction / has_mask.sum(), (1 - seg_fraction) / (~has_mask).sum())
 
 
 def balanced_pos_weight(samples: list[SliceSample], weights: np.ndarray) -> float | None:
@@ -163,7 +178,8 @@ def pick_device(config: TrainConfig, rank: int) -> torch.device:
 def data_summary(studies: str, samples: list[SliceSample], split: dict[str, Any]) -> dict[str, Any]:
     """What a model was trained on: per source, images, cases, slices with masks, class counts; licences."""
     by_source: dict[str, dict[str, Any]] = {}
-    for sample in samples:
+    hard = [sample for sample in samples if sample.hard_negative]
+    for sample in (sample for sample in samples if not sample.hard_negative):
         entry = by_source.setdefault(sample.source, {"images": set(), "cases": set(), "mask_slices": 0,
                                                      "positive_slices": 0, "negative_slices": 0})
         entry["images"].add(sample.image_id)
@@ -176,7 +192,8 @@ def data_summary(studies: str, samples: list[SliceSample], split: dict[str, Any]
                "licence": ATTRIBUTION.get(name) or "see the sidecar attribution"}
         for name, entry in sorted(by_source.items())
     }
-    return {"studies": str(studies), "train_slices": len(samples), "sources": sources,
+    mined = {"hard_negative_crops": len(hard), "hard_negative_slices": len({s.image_id.split("#")[0] for s in hard})}
+    return {"studies": str(studies), "train_slices": len(samples) - len(hard), "sources": sources, **mined,
             "train_cases": sorted({sample.case for sample in samples}),
             "split_seed": split.get("seed"), "held_out_cases": {k: split["cases"][k] for k in ("val", "test")}}
 
@@ -255,6 +272,18 @@ def build_network(config: TrainConfig) -> nn.Module:
     return build_model(config.model, in_channels=1, **config.model_kwargs)
 
 
+def initial_network(config: TrainConfig) -> nn.Module:
+    """`build_network`, with the weights of `config.init` when given (a checkpoint of the same model)."""
+    network = build_network(config)
+    if config.init:
+        model = read_config(config.init)["model"]
+        if (model["name"], model.get("kwargs", {})) != (config.model, config.model_kwargs):
+            raise ValueError(f"--init {config.init} holds {model['name']} {model.get('kwargs', {})}, "
+                             f"not the {config.model} {config.model_kwargs} this run trains")
+        network.load_state_dict(torch.load(config.init, map_location="cpu", weights_only=True))
+    return network
+
+
 def checkpoint_config(
     config: TrainConfig, summary: dict[str, Any], metrics: dict[str, Any], step: int, mapping: IntensityMapping
 ) -> dict:
@@ -310,7 +339,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     data = load_training_set(config, records, split, mapping, rank)
     if not data.train:
         raise ValueError(f"no labelled training slices in {config.data} for split {split_path}")
-    result = fit(config, build_network(config), data, mapping, device, rank, world_size)
+    result = fit(config, initial_network(config), data, mapping, device, rank, world_size)
     return {**result, "split": split_path}
 
 
@@ -326,8 +355,24 @@ def load_training_set(config: TrainConfig, records: list[dict[str, Any]], split:
         train_samples = [s for s in train_samples if s.class_label is not None]
     if config.patch_size:  # only slices whose every patch has a known truth: a lesion mask, or tumour-free
         train_samples = [s for s in train_samples if s.class_label == 0 or (s.mask is not None and s.mask.any())]
+    if config.hard_negatives_from:
+        train_samples += hard_negative_crops(config, train_samples)
     val_samples = load_validation_set(config, records, split, mapping) if rank == 0 else []
-    return TrainingSet(train_samples, val_samples, data_summary(config.data, train_samples, split))
+    summary = data_summary(config.data, train_samples, split)
+    if config.init:  # the patients behind the starting weights were trained on too
+        summary["train_cases"] = sorted(set(summary["train_cases"]) | set(
+            read_config(config.init).get("training_data", {}).get("train_cases") or []))
+    return TrainingSet(train_samples, val_samples, summary)
+
+
+def hard_negative_crops(config: TrainConfig, samples: list[SliceSample]) -> list[SliceSample]:
+    """Crops around the false alarms of `config.hard_negatives_from` on ``samples`` (`lungnlb.training.hard_negatives`)."""
+    from lungnlb.inference import Predictor
+    from lungnlb.training.hard_negatives import mine_hard_negatives
+
+    if not config.patch_size:
+        raise ValueError("hard negatives are crops for native-resolution training: give --patch-size")
+    return mine_hard_negatives(Predictor.from_checkpoint(config.hard_negatives_from), samples)
 
 
 def load_validation_set(config: TrainConfig, records: list[dict[str, Any]], split: dict[str, Any],
@@ -360,7 +405,7 @@ def fit(
     out = Path(config.out)
     model = model.to(device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # one input size: let cuDNN pick its fastest kernels
-    weights = sample_weights(data.train, config.seg_fraction)
+    weights = sample_weights(data.train, config.seg_fraction, config.hard_negative_fraction)
     pos_weight = balanced_pos_weight(data.train, weights) if config.balance_classes else None
     segmentation = is_segmentation_model(config.model)
     criterion = MultiTaskLoss(config.seg_weight if segmentation else 0.0, config.cls_weight, pos_weight,
