@@ -17,7 +17,10 @@ the group-norm kernel, channels_last input, fused block projections) is an expli
 instance-norm backward is accurate (docs/method.md, speed section).
 
 `forward(x)` returns {"seg": (B, 1, H, W) logits, "cls": (B, 1) logits}; with
-`return_attention=True` also {"attention": {block name: (B, n*n, n*n)}}.
+`return_attention=True` also {"attention": {block name: (B, n*n, n*n)}}. With `deep_supervision`
+(nnU-Net's auxiliary outputs), a model in training mode also returns {"seg_deep": [(B, 1, H/2, W/2),
+(B, 1, H/4, W/4)] logits}, 1x1 convolutions of the decoder at those sizes; in eval mode (and in
+the inference form) the output is the same as without.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class SegClsUNet(nn.Module):
         grid, inner_channels, distance: passed to every `NonLocalBlock2d`.
         bottleneck: module applied to the level-4 features, shape preserving (None: identity).
         features: BasicUNet's six feature sizes.
+        deep_supervision: auxiliary seg logits at 1/2 and 1/4 of the input size in training mode.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class SegClsUNet(nn.Module):
         bottleneck: nn.Module | None = None,
         features: Sequence[int] = FEATURES,
         name: str = "SegClsUNet",
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         levels = tuple(sorted(set(nlb_levels))) if nlb_variant is not None else ()
@@ -106,6 +111,9 @@ class SegClsUNet(nn.Module):
         )
         self.bottleneck = bottleneck if bottleneck is not None else nn.Identity()
         self.classifier = nn.Linear(features[DEPTH], 1)
+        self.deep_supervision = deep_supervision
+        if deep_supervision:  # decoder outputs after upcat_2 (H/2) and upcat_3 (H/4)
+            self.deep_heads = nn.ModuleList(PointwiseConv2d(features[level], 1) for level in (1, 2))
         symmetric = nlb_variant in ("symmetry", "symmetry_localized")
         self.size_divisor = unet_size_divisor(levels, grid, symmetric)
 
@@ -122,10 +130,13 @@ class SegClsUNet(nn.Module):
                 features, attention[f"level{level}"] = block(features, return_attention=True)
             skips.append(features)
         deepest = self.bottleneck(skips[DEPTH])
-        up = deepest
+        up, decoded = deepest, []
         for upcat, skip in zip((unet.upcat_4, unet.upcat_3, unet.upcat_2, unet.upcat_1), reversed(skips[:DEPTH])):
             up = upcat.convs(torch.cat([skip, upcat.upsample(up)], dim=1))  # MONAI UpCat, no padding needed
+            decoded.append(up)
         output = {"seg": unet.final_conv(up), "cls": self.classifier(deepest.mean(dim=(2, 3)))}
+        if self.deep_supervision and self.training:
+            output["seg_deep"] = [head(decoded[-2 - i]) for i, head in enumerate(self.deep_heads)]
         if return_attention:
             output["attention"] = attention
         return output

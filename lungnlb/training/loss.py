@@ -7,6 +7,9 @@ in the batch contributes 0 * logits so every parameter stays in the graph, as DD
 DiceCE is MONAI's `DiceCELoss(sigmoid=True)`: soft Dice plus binary cross-entropy; per sample, or
 over the whole batch at once (``batch_dice``: native-resolution patches, many of them lesion-free, on
 which a per-sample Dice is undefined or all-or-nothing).
+With deep supervision (the model's "seg_deep" outputs, training mode), the segmentation term is
+MONAI's `DeepSupervisionLoss` over [seg, *seg_deep]: DiceCE at each size against the mask resized
+by nearest neighbour, weighted 1, 0.5, 0.25.
 BCE takes an optional `pos_weight` (the weight of a positive label's term): the trainer sets it to
 (share of negatives) / (share of positives) among the labelled slices it draws, so that both
 classes weigh the same and "everything is a neoplasm" is not a minimum of the loss.
@@ -15,14 +18,15 @@ classes weigh the same and "everything is a neoplasm" is not a minimum of the lo
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 from torch import nn
 
 
 class MultiTaskLoss(nn.Module):
     """Weighted sum of masked DiceCE (seg head) and BCE-with-logits (cls head).
 
-    forward(output {"seg": (B,1,H,W), "cls": (B,1)}, batch {"mask", "has_mask", "label", "has_label"})
+    forward(output {"seg": (B,1,H,W), "cls": (B,1)[, "seg_deep": [(B,1,h,w), ...]]},
+            batch {"mask", "has_mask", "label", "has_label"})
     -> (total scalar, {"seg": float, "cls": float})
     """
 
@@ -33,7 +37,7 @@ class MultiTaskLoss(nn.Module):
             raise ValueError(f"loss weights must be >= 0, got seg {seg_weight}, cls {cls_weight}")
         self.seg_weight = seg_weight
         self.cls_weight = cls_weight
-        self.seg_loss = DiceCELoss(sigmoid=True, batch=batch_dice)
+        self.seg_loss = DeepSupervisionLoss(DiceCELoss(sigmoid=True, batch=batch_dice), weight_mode="exp")
         if pos_weight is not None and not pos_weight > 0:
             raise ValueError(f"pos_weight must be > 0, got {pos_weight}")
         weight = None if pos_weight is None else torch.tensor([float(pos_weight)])
@@ -44,15 +48,20 @@ class MultiTaskLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         parts: dict[str, torch.Tensor] = {}
         if "seg" in output:
-            parts["seg"] = self._masked(self.seg_loss, output["seg"].float(), batch["mask"], batch["has_mask"])
+            seg = [output["seg"], *output.get("seg_deep", [])]
+            parts["seg"] = self._masked(self.seg_loss, [logits.float() for logits in seg], batch["mask"], batch["has_mask"])
         parts["cls"] = self._masked(self.cls_loss, output["cls"].float(), batch["label"], batch["has_label"])
         weights = {"seg": self.seg_weight, "cls": self.cls_weight}
         total = sum(weights[name] * value for name, value in parts.items())
         return total, {name: float(value.detach()) for name, value in parts.items()}
 
     @staticmethod
-    def _masked(loss: nn.Module, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _masked(loss: nn.Module, logits: torch.Tensor | list[torch.Tensor], target: torch.Tensor, keep: torch.Tensor
+                ) -> torch.Tensor:
+        """``loss`` over the samples in ``keep``; ``logits`` one tensor or a list (deep supervision)."""
         keep = keep.bool().reshape(-1)
+        outputs = logits if isinstance(logits, list) else [logits]
         if not keep.any():
-            return 0.0 * logits.sum()
-        return loss(logits[keep], target[keep].to(logits.dtype))
+            return 0.0 * sum(output.sum() for output in outputs)
+        kept = [output[keep] for output in outputs]
+        return loss(kept if isinstance(logits, list) else kept[0], target[keep].to(outputs[0].dtype))
