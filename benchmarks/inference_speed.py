@@ -6,7 +6,7 @@ Times `Predictor.predict` (intensity mapping, the checkpoint's inference form, p
 one real 512 x 512 slice and on a real whole CT series (the first DICOM series found under
 ../shared/data/lung-pet-ct-dx), for the shipped checkpoint and for the same checkpoint with its
 network replaced by the plain U-Net (random weights: the cost of a forward pass does not depend on
-them). Prints the medians, the NLB / plain ratios and the time a 300-slice volume takes at the
+them); the two take turns within each round. Prints the medians, the NLB / plain ratios and the time a 300-slice volume takes at the
 measured per-slice rate; writes benchmarks/results/inference_speed.json (with date and commit).
 Targets: a slice <= 0.5 s, a 300-slice volume <= 60 s, NLB <= 1.10x the plain U-Net.
 """
@@ -18,6 +18,7 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lungnlb.runtime import enable_huge_pages
@@ -43,13 +44,16 @@ def plain_twin(predictor: Predictor) -> Predictor:
     return Predictor(build_from_config(config), config)
 
 
-def median_seconds(call, rounds: int) -> float:
-    times = []
+def interleaved_medians(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds of each call over ``rounds``, the calls taking turns within each round, so
+    that a change of the shared machine's load during the run weighs on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,14 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     volume = read_dicom_series(list_dicom_series(args.data)[0])
     middle = volume.array[len(volume.array) // 2]
-    rows = {}
     shipped = Predictor.from_checkpoint()
-    for name, predictor in (("shipped", shipped), ("plain unet", plain_twin(shipped))):
+    predictors = {"shipped": shipped, "plain unet": plain_twin(shipped)}
+    for predictor in predictors.values():
         predictor.predict(middle, "hu")  # warm-up: first-call allocations
-        slice_s = median_seconds(lambda p=predictor: p.predict(middle, "hu"), args.rounds)
-        volume_s = median_seconds(lambda p=predictor: p.predict(volume.array, "hu"), max(1, args.rounds // 2))
-        rows[name] = {"slice_s": slice_s, "volume_s": volume_s, "volume_slices": len(volume.array),
-                      f"volume_{VOLUME_SLICES}_s_at_this_rate": volume_s / len(volume.array) * VOLUME_SLICES}
+    slice_s = interleaved_medians({name: (lambda p=p: p.predict(middle, "hu")) for name, p in predictors.items()},
+                                  args.rounds)
+    volume_s = interleaved_medians({name: (lambda p=p: p.predict(volume.array, "hu")) for name, p in predictors.items()},
+                                   max(1, args.rounds // 2))
+    rows = {name: {"slice_s": slice_s[name], "volume_s": volume_s[name], "volume_slices": len(volume.array),
+                   f"volume_{VOLUME_SLICES}_s_at_this_rate": volume_s[name] / len(volume.array) * VOLUME_SLICES}
+            for name in predictors}
     ratio = {key: rows["shipped"][key] / rows["plain unet"][key] for key in ("slice_s", "volume_s")}
     report = {"model": shipped.config["model"], "native": shipped.native, "threads": torch.get_num_threads(),
               "rows": rows, "nlb_over_plain": ratio, **run_stamp()}
