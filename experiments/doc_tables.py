@@ -127,8 +127,12 @@ def patient_cv() -> str:
 
 
 NATIVE_ROWS = (  # (label, evaluation report)
-    ("native, 64 px patches, 3000 steps, lung field, threshold 0.2 (shipped)", EXPERIMENTS / "native_test.json"),
-    ("native, 64 px patches, 700 steps (before)", EXPERIMENTS / "native_700_weights" / "native_test.json"),
+    ("native, 64 px patches, best of 5600 steps (4200), lung field, threshold 0.5 (shipped)",
+     EXPERIMENTS / "native_test.json"),
+    ("native, 3000 steps, threshold 0.2 (before)", EXPERIMENTS / "native_3000_weights" / "native_test.json"),
+    ("the 3000-step weights + 1500 steps with hard negatives (not shipped)",
+     EXPERIMENTS / "hard_negative_finetune" / "native_test.json"),
+    ("native, 700 steps", EXPERIMENTS / "native_700_weights" / "native_test.json"),
     ("previous, whole slices at 128 px", EXPERIMENTS / "whole_slice_weights" / "test_split_crops.json"),
 )
 
