@@ -106,3 +106,6 @@ def test_hard_negatives_need_native_training():
     config = TrainConfig(data="d", out="o", hard_negatives_from="any.pt")
     with pytest.raises(ValueError, match="--patch-size"):
         hard_negative_crops(config, [])
+    every_draw = TrainConfig(data="d", out="o", patch_size=64, hard_negatives_from="any.pt", hard_negative_fraction=1.0)
+    with pytest.raises(ValueError, match="--hard-negative-fraction"):
+        hard_negative_crops(every_draw, [])

@@ -372,6 +372,8 @@ def hard_negative_crops(config: TrainConfig, samples: list[SliceSample]) -> list
 
     if not config.patch_size:
         raise ValueError("hard negatives are crops for native-resolution training: give --patch-size")
+    if not 0.0 < config.hard_negative_fraction < 1.0:
+        raise ValueError(f"--hard-negative-fraction must be in (0, 1), got {config.hard_negative_fraction}")
     return mine_hard_negatives(Predictor.from_checkpoint(config.hard_negatives_from), samples)
 
 
