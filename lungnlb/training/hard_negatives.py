@@ -8,8 +8,8 @@ the checkpoint's own threshold and with its own post-processing (`Predictor.wind
 `finish_windows`, so these are the false alarms a user would see), and turns each predicted
 8-connected component lying at least ``clearance_px`` from every truth pixel into a training
 sample: the ``size`` x ``size`` crop of the slice centred on the component (shifted to stay inside
-the slice), with the truth cut the same way. A patch of `patch_size` < ``size`` drawn from that crop
-always holds the component's centre when the patch sampler centres negatives anywhere in it.
+the slice), with the truth cut the same way. A 64 px patch drawn anywhere in a 96 px crop holds
+the crop's centre, which is the component's unless the crop had to be shifted at the border.
 
 Only whole slices are mined (both sides >= `lungnlb.inference.LUNG_FIELD_MIN_SIZE`) whose every
 pixel has a known truth: a lesion mask, or a tumour-free slice (mask all background).
