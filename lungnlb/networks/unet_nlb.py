@@ -130,13 +130,15 @@ class SegClsUNet(nn.Module):
                 features, attention[f"level{level}"] = block(features, return_attention=True)
             skips.append(features)
         deepest = self.bottleneck(skips[DEPTH])
-        up, decoded = deepest, []
+        up, decoded = deepest, []  # decoder outputs at H/4 and H/2, kept for deep supervision only
+        supervised = self.deep_supervision and self.training
         for upcat, skip in zip((unet.upcat_4, unet.upcat_3, unet.upcat_2, unet.upcat_1), reversed(skips[:DEPTH])):
             up = upcat.convs(torch.cat([skip, upcat.upsample(up)], dim=1))  # MONAI UpCat, no padding needed
-            decoded.append(up)
+            if supervised and upcat in (unet.upcat_3, unet.upcat_2):
+                decoded.append(up)
         output = {"seg": unet.final_conv(up), "cls": self.classifier(deepest.mean(dim=(2, 3)))}
-        if self.deep_supervision and self.training:
-            output["seg_deep"] = [head(decoded[-2 - i]) for i, head in enumerate(self.deep_heads)]
+        if supervised:  # heads in the order H/2, H/4
+            output["seg_deep"] = [head(features) for head, features in zip(self.deep_heads, reversed(decoded))]
         if return_attention:
             output["attention"] = attention
         return output

@@ -4,8 +4,8 @@ Patches drawn uniformly over the body rarely fall on the few vessels, airway wal
 folds a native-resolution model confuses with a nodule, so a model trained that way keeps marking
 them, even on the slices it trained on. Hard-example mining (as detectors do it, Shrivastava et
 al. 2016, here offline) takes one pass of a trained checkpoint over the whole training slices, at
-the checkpoint's own threshold and with its own post-processing (`Predictor.window_probability` and
-`finish_windows`, so these are the false alarms a user would see), and turns each predicted
+the checkpoint's own threshold and with its own post-processing (`Predictor.predict_normalized`,
+so these are the false alarms a user would see), and turns each predicted
 8-connected component lying at least ``clearance_px`` from every truth pixel into a training
 sample: the ``size`` x ``size`` crop of the slice centred on the component (shifted to stay inside
 the slice), with the truth cut the same way. A 64 px patch drawn anywhere in a 96 px crop holds
@@ -59,8 +59,7 @@ def mine_hard_negatives(predictor: Predictor, samples: list[SliceSample], size: 
     """Hard-negative crops (``hard_negative=True``) of the minable ``samples`` under ``predictor``'s checkpoint."""
     mined = []
     for sample in filter(minable, samples):
-        probability, field = predictor.window_probability(sample.image[None])
-        predicted = predictor.finish_windows(probability, field, predictor.threshold)[0][0] > predictor.threshold
+        predicted = predictor.predict_normalized(sample.image[None])[0][0] > predictor.threshold
         truth = np.zeros(sample.image.shape, bool) if sample.mask is None else sample.mask.astype(bool)
         for number, centre in enumerate(false_alarm_centres(predicted, truth, clearance_px)):
             box = crop_around(sample.image.shape, centre, size)
