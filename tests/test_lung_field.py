@@ -11,7 +11,7 @@ from train_helpers import DATA
 
 from lungnlb.inference import Predictor, remove_small_components
 from lungnlb.io import read_image
-from lungnlb.labels.lung_region import lung_field
+from lungnlb.labels.lung_region import lung_field, lungs
 
 SAMPLE_CT = "sample_data/studies/Lung_Dx-A0001_2.000000-5mm-40805.nii.gz"
 
@@ -33,6 +33,31 @@ def test_the_field_keeps_a_nodule_against_the_chest_wall_and_leaves_out_the_medi
     assert not field[128, 128]  # the mediastinum between the lungs (50 px wide)
     assert not field[128, 20] and not field[5, 5]  # chest wall, air
     assert lung_field(np.full((256, 256), 0.6, np.float32), 10, 300) is None  # no lungs on the slice
+
+
+def _whole_frame_field(found: np.ndarray, closing_px: int) -> np.ndarray:
+    """The closing of ``found`` by distance transforms over the whole frame, padded by ``closing_px``."""
+    from scipy import ndimage
+
+    padded = np.pad(found, closing_px)
+    dilated = ndimage.distance_transform_edt(~padded) <= closing_px
+    closed = ndimage.distance_transform_edt(dilated) > closing_px
+    return closed[closing_px:-closing_px, closing_px:-closing_px] | found
+
+
+@pytest.mark.parametrize("margin", [2, 5, 40])
+def test_the_field_on_the_lungs_box_equals_the_whole_frame_closing(margin):
+    """Real CT, cut to ``margin`` pixels around its lungs: within 10 px the closing reaches past
+    every edge of the image."""
+    image = read_image(SAMPLE_CT)
+    plane = Predictor.from_checkpoint().model_input(image.array[2], image.intensity)
+    rows, columns = np.flatnonzero(lungs(plane).any(axis=1)), np.flatnonzero(lungs(plane).any(axis=0))
+    plane = plane[rows[0] - margin:rows[-1] + 1 + margin, columns[0] - margin:columns[-1] + 1 + margin]
+    found = lungs(plane)
+    field = lung_field(plane, closing_px=10, min_pixels=300)
+    assert found is not None and field is not None and field.sum() > found.sum()
+    assert found[margin].any() and found[:, margin].any()  # the lungs are where they were, near the edges
+    assert np.array_equal(field, _whole_frame_field(found, 10))
 
 
 def test_components_that_miss_the_field_are_removed():

@@ -13,6 +13,13 @@ for uncertainty).
 A tumour against the chest wall or the mediastinum is not a hole of the lung mask but a bite out
 of its outline; closing fills bites up to about 2 x ``closing_px`` across, while the mediastinum
 and the chest wall, wider than that, stay outside.
+
+Both work on the bounding box of what they fill or close, with the result equal to that of the
+whole frame (a slice is mostly air and chest wall; the box makes the lung field ~3x cheaper):
+filling holes needs no margin, since every pixel on the box's edge that is not in the shape
+touches the outside, which is not either; closing needs ``closing_px + 1`` pixels of margin, since
+the dilation reaches ``closing_px`` beyond the shape and the erosion then sees a ring of
+background all round, nearer to every pixel than anything beyond it.
 """
 
 from __future__ import annotations
@@ -31,8 +38,13 @@ def lungs(slice01: np.ndarray) -> np.ndarray | None:
     if not count:
         return None
     body = components == 1 + np.argmax(np.bincount(components.ravel())[1:])
-    inner = dark & ndimage.binary_fill_holes(body)
-    return ndimage.binary_fill_holes(inner) if inner.any() else None
+    box = bounding_box(body)
+    inner = dark[box] & ndimage.binary_fill_holes(body[box])
+    if not inner.any():
+        return None
+    found = np.zeros(slice01.shape, dtype=bool)
+    found[box] = ndimage.binary_fill_holes(inner)
+    return found
 
 
 def lung_region(slice01: np.ndarray) -> np.ndarray:
@@ -49,8 +61,18 @@ def lung_field(slice01: np.ndarray, closing_px: int, min_pixels: int) -> np.ndar
         return None
     # closing by a disk = dilation then erosion, each a threshold of a Euclidean distance transform
     # (linear time, where a 21 x 21 structuring element costs most of a slice's post-processing); the
-    # padding keeps the erosion from eating the field where the lungs come near the image border
-    padded = np.pad(found, closing_px)
-    dilated = ndimage.distance_transform_edt(~padded) <= closing_px
-    closed = ndimage.distance_transform_edt(dilated) > closing_px
-    return closed[closing_px:-closing_px, closing_px:-closing_px] | found
+    # margin may reach past the image: the field does not shrink where the lungs meet its border
+    margin = closing_px + 1
+    padded = np.pad(found, margin)
+    rows, columns = bounding_box(padded)
+    box = slice(rows.start - margin, rows.stop + margin), slice(columns.start - margin, columns.stop + margin)
+    dilated = ndimage.distance_transform_edt(~padded[box]) <= closing_px
+    closed = np.zeros_like(padded)
+    closed[box] = ndimage.distance_transform_edt(dilated) > closing_px
+    return closed[margin:-margin, margin:-margin] | found
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice]:
+    """The (rows, columns) slices of the smallest box holding every True pixel of a non-empty ``mask``."""
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
