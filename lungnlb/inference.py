@@ -33,6 +33,9 @@ Classification-only models return `probability=None`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,29 +183,46 @@ class Predictor:
     def window_probability(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The native form's first step: (raw mask probability, field) of (Z, Y, X) slices in [0, 1],
         by sliding window per slice over the body, the windows that miss the lung field skipped;
-        ``field`` is where a kept component must have a pixel (all True where no lungs were sought)."""
+        ``field`` is where a kept component must have a pixel (all True where no lungs were sought).
+
+        On the CPU the slices of a volume are shared among as many threads as torch has, each running
+        its slices' lung field and windows with one torch thread: the small 64 px windows keep two
+        torch threads on one forward pass only ~70 % busy, and the lung field runs on one core."""
+        probability = np.zeros(volume.shape, dtype=np.float32)
+        field = np.ones(volume.shape, dtype=bool)
+        workers = slice_workers(len(volume), self.device)
+        with torch_threads(1 if workers > 1 else torch.get_num_threads()), ThreadPoolExecutor(workers) as pool:
+            lungs = list(pool.map(self.lung_field, volume))
+            skip_lungless = len(volume) > 1 and any(found is not None for found in lungs)
+
+            def predict_slice(z: int) -> None:
+                if lungs[z] is not None:
+                    field[z] = lungs[z]
+                elif skip_lungless:
+                    return  # a slice of a chest CT above or below the lungs
+                self._window_slice(volume[z], lungs[z], probability[z])
+
+            list(pool.map(predict_slice, range(len(volume))))
+        return probability, field
+
+    def _window_slice(self, plane: np.ndarray, lungs: np.ndarray | None, out: np.ndarray) -> None:
+        """Write the mask probability of one (Y, X) slice into ``out`` within the body's box (the
+        windows that miss ``lungs`` skipped, when given)."""
         from monai.inferers import SlidingWindowInferer
 
         air = self.air()
+        box = body_box(plane, air + BODY_MARGIN)
+        if box is None:
+            return  # no patient on this slice
         inferer = SlidingWindowInferer(roi_size=self.patch_size, sw_batch_size=WINDOW_BATCH, overlap=WINDOW_OVERLAP,
                                        mode="gaussian", padding_mode="constant", cval=air)
-        lungs = [self.lung_field(plane) for plane in volume]
-        skip_lungless = len(volume) > 1 and any(found is not None for found in lungs)
-        probability = np.zeros(volume.shape, dtype=np.float32)
-        field = np.ones(volume.shape, dtype=bool)
-        for z, found in enumerate(lungs):
-            box = body_box(volume[z], air + BODY_MARGIN)
-            if box is None or (found is None and skip_lungless):
-                continue  # no patient, or a slice of a chest CT above or below the lungs
-            region = torch.from_numpy(np.ascontiguousarray(volume[z][box], dtype=np.float32))[None, None]
-            if found is None:
-                logits = inferer(region.to(self.device), self._seg_logits)
-            else:
-                field[z] = found
-                where = torch.from_numpy(found[box].astype(np.float32))[None, None]
-                logits = inferer(region.to(self.device), self._seg_logits, condition=where.to(self.device))
-            probability[z][box] = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
-        return probability, field
+        region = torch.from_numpy(np.ascontiguousarray(plane[box], dtype=np.float32))[None, None].to(self.device)
+        if lungs is None:
+            logits = inferer(region, self._seg_logits)
+        else:
+            where = torch.from_numpy(lungs[box].astype(np.float32))[None, None].to(self.device)
+            logits = inferer(region, self._seg_logits, condition=where)
+        out[box] = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
     def finish_windows(self, probability: np.ndarray, field: np.ndarray, threshold: float
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -239,6 +259,22 @@ def slice_lung_field(plane: np.ndarray, config: dict[str, Any]) -> np.ndarray | 
     if not config.get("lung_filter", True) or min(plane.shape) < LUNG_FIELD_MIN_SIZE:
         return None
     return lung_field(plane, int(config.get("lung_closing_px", LUNG_CLOSING_PX)), MIN_LUNG_PIXELS)
+
+
+def slice_workers(depth: int, device: torch.device) -> int:
+    """Threads that share the slices of a volume: one per torch thread on the CPU, one on a GPU."""
+    return max(1, min(depth, torch.get_num_threads())) if device.type == "cpu" else 1
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads (a process-wide setting), then restore it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def body_box(plane: np.ndarray, level: float) -> tuple[slice, slice] | None:

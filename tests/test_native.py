@@ -70,6 +70,21 @@ def test_sliding_window_keeps_the_size_and_calls_a_slice_by_its_mask():
     assert small.shape == (3, 10, 12)
 
 
+def test_a_volume_shared_among_threads_gives_each_slice_its_own_prediction(monkeypatch):
+    torch.manual_seed(0)
+    predictor = _native_predictor(build_model("unet_sl_nlb", **TINY_KWARGS))
+    volume = np.random.default_rng(1).uniform(0.3, 1, (5, 70, 90)).astype(np.float32)
+    alone = [predictor.predict_normalized(plane[None])[0][0] for plane in volume]
+    threads, seen = torch.get_num_threads(), set()
+    model = predictor.model
+    monkeypatch.setattr(predictor, "model", lambda x: seen.add(torch.get_num_threads()) or model(x))
+    monkeypatch.setattr("lungnlb.inference.slice_workers", lambda depth, device: 3)
+    shared, _ = predictor.predict_normalized(volume)
+    assert seen == {1}  # each thread ran its windows on one torch thread
+    assert torch.get_num_threads() == threads  # and the process's setting is back
+    assert np.allclose(shared, np.stack(alone), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_native_training_on_real_crops_writes_a_sliding_window_checkpoint(tmp_path):
     from lungnlb.prepare import prepare
