@@ -200,7 +200,8 @@ class Predictor:
                     field[z] = lungs[z]
                 elif skip_lungless:
                     return  # a slice of a chest CT above or below the lungs
-                self._window_slice(volume[z], lungs[z], probability[z])
+                with torch.inference_mode():  # autograd's mode is per thread: the caller's no_grad stays behind
+                    self._window_slice(volume[z], lungs[z], probability[z])
 
             list(pool.map(predict_slice, range(len(volume))))
         return probability, field

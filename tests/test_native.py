@@ -77,10 +77,11 @@ def test_a_volume_shared_among_threads_gives_each_slice_its_own_prediction(monke
     alone = [predictor.predict_normalized(plane[None])[0][0] for plane in volume]
     threads, seen = torch.get_num_threads(), set()
     model = predictor.model
-    monkeypatch.setattr(predictor, "model", lambda x: seen.add(torch.get_num_threads()) or model(x))
+    monkeypatch.setattr(predictor, "model",
+                        lambda x: seen.add((torch.get_num_threads(), torch.is_grad_enabled())) or model(x))
     monkeypatch.setattr("lungnlb.inference.slice_workers", lambda depth, device: 3)
     shared, _ = predictor.predict_normalized(volume)
-    assert seen == {1}  # each thread ran its windows on one torch thread
+    assert seen == {(1, False)}  # each thread ran its windows on one torch thread, without autograd
     assert torch.get_num_threads() == threads  # and the process's setting is back
     assert np.allclose(shared, np.stack(alone), atol=1e-5)
 
