@@ -28,12 +28,18 @@ def predict_crops(predictor, volume: np.ndarray, rule: str = "pad") -> tuple[np.
         raise ValueError(f"unknown crop rule {rule!r}: expected one of {CROP_RULES}")
     if rule == "resize":
         return predictor.predict_normalized(volume)
+    canvas, cut = crop_canvas(predictor, volume)
+    probability, slice_probability = predictor.predict_normalized(canvas)
+    return (None if probability is None else probability[cut]), slice_probability
+
+
+def crop_canvas(predictor, volume: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+    """The rule ``"pad"``: crop slices (n, h, w) in [0, 1] at the centre of an air canvas
+    (n, S, S), and the index that cuts them back out of it."""
     n, height, width = volume.shape
     size = max(int(predictor.config.get("slice_size", WHOLE_SLICE)), height, width)
     top, left = (size - height) // 2, (size - width) // 2
     canvas = np.full((n, size, size), predictor.air(), np.float32)
-    canvas[:, top:top + height, left:left + width] = volume
-    probability, slice_probability = predictor.predict_normalized(canvas)
-    if probability is not None:
-        probability = probability[:, top:top + height, left:left + width]
-    return probability, slice_probability
+    cut = (slice(None), slice(top, top + height), slice(left, left + width))
+    canvas[cut] = volume
+    return canvas, cut
