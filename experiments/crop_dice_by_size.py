@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     validation = set(json.loads(args.split.read_text())["cases"]["val"])
     dice: dict[str, list[float]] = {}
     missed: dict[str, int] = {}
-    shipped_rows = []
+    shipped_rows, patients = [], set()
     for record in (r for r in read_records(args.data) if r["case"] in validation and r.get("crop")):
         loaded = load_image(args.data, record)
         zs = [z for z, has_mask, _ in loaded.plan if has_mask and loaded.reference[z].any()]
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         plain, mirrored = raw_probabilities(predictor, predictor.model_input(loaded.raw[zs], record["intensity"]))
         reference = loaded.reference[zs]
+        patients.add(record["case"])
         for name, masks in slice_masks(predictor, plain, mirrored).items():
             for mask, truth in zip(masks, reference):
                 dice.setdefault(name, []).append(dice_iou(mask, truth)[0])
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "shipped":
                     shipped_rows.append((int(truth.sum()), dice[name][-1], int(mask.sum())))
     report = {"checkpoint": str(args.checkpoint or "lungnlb/weights/default.pt"), "split": args.split.name,
-              "patients": len(validation), "slices": len(shipped_rows),
+              "validation_cases": len(validation), "crop_patients": len(patients), "slices": len(shipped_rows),
               "variants": {name: {"dice": float(np.mean(values)), "missed_slices": missed[name]} for name, values in dice.items()},
               "shipped_by_reference_area": by_area(shipped_rows), **run_stamp()}
     atomic_write_text(args.out, json.dumps(report, indent=2))
