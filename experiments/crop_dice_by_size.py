@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ def by_area(rows: list[tuple[int, float, int]]) -> list[dict]:
     """Dice and the median predicted / reference area per bin of the reference's area."""
     area, dice, predicted = (np.array(column, float) for column in zip(*rows))
     table = []
-    for low, high in zip(AREA_BINS[:-1], AREA_BINS[1:]):
+    for low, high in pairwise(AREA_BINS):
         inside = (area >= low) & (area < high)
         if inside.any():
             table.append({"reference_pixels": f"{low}-{high}" if high < 10**6 else f">={low}", "slices": int(inside.sum()),

@@ -33,6 +33,7 @@ Classification-only models return `probability=None`.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -190,8 +191,7 @@ class Predictor:
         torch threads on one forward pass only ~70 % busy, and the lung field runs on one core."""
         probability = np.zeros(volume.shape, dtype=np.float32)
         field = np.ones(volume.shape, dtype=bool)
-        workers = slice_workers(len(volume), self.device)
-        with torch_threads(1 if workers > 1 else torch.get_num_threads()), ThreadPoolExecutor(workers) as pool:
+        with slice_threads(len(volume), self.device) as workers, ThreadPoolExecutor(workers) as pool:
             lungs = list(pool.map(self.lung_field, volume))
             skip_lungless = len(volume) > 1 and any(found is not None for found in lungs)
 
@@ -262,20 +262,25 @@ def slice_lung_field(plane: np.ndarray, config: dict[str, Any]) -> np.ndarray | 
     return lung_field(plane, int(config.get("lung_closing_px", LUNG_CLOSING_PX)), MIN_LUNG_PIXELS)
 
 
-def slice_workers(depth: int, device: torch.device) -> int:
-    """Threads that share the slices of a volume: one per torch thread on the CPU, one on a GPU."""
-    return max(1, min(depth, torch.get_num_threads())) if device.type == "cpu" else 1
+_THREAD_SETTING = threading.Lock()  # held by the one volume whose slices share the CPU (see slice_threads)
 
 
 @contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` torch intra-op threads (a process-wide setting), then restore it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
+def slice_threads(depth: int, device: torch.device) -> Iterator[int]:
+    """How many threads share a volume's ``depth`` slices, torch set to one thread for the block:
+    as many as torch has on the CPU. One (torch left as it is) on a GPU, for a single slice, and
+    while another volume shares its slices: torch's thread count is process-wide, and a second
+    volume that changed it too would restore it wrongly under the first."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or depth < 2 or threads < 2 or not _THREAD_SETTING.acquire(blocking=False):
+        yield 1
+        return
     try:
-        yield
+        torch.set_num_threads(1)
+        yield min(depth, threads)
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(threads)
+        _THREAD_SETTING.release()
 
 
 def body_box(plane: np.ndarray, level: float) -> tuple[slice, slice] | None:

@@ -3,6 +3,8 @@ slices as negatives, sliding-window prediction whose slice call agrees with its 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -71,19 +73,29 @@ def test_sliding_window_keeps_the_size_and_calls_a_slice_by_its_mask():
 
 
 def test_a_volume_shared_among_threads_gives_each_slice_its_own_prediction(monkeypatch):
+    from lungnlb import inference
+
     torch.manual_seed(0)
     predictor = _native_predictor(build_model("unet_sl_nlb", **TINY_KWARGS))
     volume = np.random.default_rng(1).uniform(0.3, 1, (5, 70, 90)).astype(np.float32)
     alone = [predictor.predict_normalized(plane[None])[0][0] for plane in volume]
-    threads, seen = torch.get_num_threads(), set()
+    before, seen = torch.get_num_threads(), set()
     model = predictor.model
     monkeypatch.setattr(predictor, "model",
-                        lambda x: seen.add((torch.get_num_threads(), torch.is_grad_enabled())) or model(x))
-    monkeypatch.setattr("lungnlb.inference.slice_workers", lambda depth, device: 3)
-    shared, _ = predictor.predict_normalized(volume)
-    assert seen == {(1, False)}  # each thread ran its windows on one torch thread, without autograd
-    assert torch.get_num_threads() == threads  # and the process's setting is back
-    assert np.allclose(shared, np.stack(alone), atol=1e-5)
+                        lambda x: seen.add((threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled())) or model(x))
+    torch.set_num_threads(3)
+    try:
+        shared, _ = predictor.predict_normalized(volume)
+        assert {(t, g) for _, t, g in seen} == {(1, False)}  # one torch thread each, without autograd
+        assert len({ident for ident, _, _ in seen}) > 1 and torch.get_num_threads() == 3  # and the setting is back
+        assert np.allclose(shared, np.stack(alone), atol=1e-5)
+        seen.clear()
+        with inference._THREAD_SETTING:  # another volume is sharing its slices: this one leaves torch alone
+            unshared, _ = predictor.predict_normalized(volume)
+        assert {(t, g) for _, t, g in seen} == {(3, False)} and len({ident for ident, _, _ in seen}) == 1
+        assert np.allclose(unshared, shared, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.slow
