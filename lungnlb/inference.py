@@ -187,8 +187,9 @@ class Predictor:
         ``field`` is where a kept component must have a pixel (all True where no lungs were sought).
 
         On the CPU the slices of a volume are shared among as many threads as torch has, each running
-        its slices' lung field and windows with one torch thread: the small 64 px windows keep two
-        torch threads on one forward pass only ~70 % busy, and the lung field runs on one core."""
+        its slices' lung field and windows with one torch thread: two torch threads share one forward
+        pass of small 64 px windows poorly, and the lung field runs on one core
+        (`benchmarks/inference_speed.py` measures the series both ways)."""
         probability = np.zeros(volume.shape, dtype=np.float32)
         field = np.ones(volume.shape, dtype=bool)
         with slice_threads(len(volume), self.device) as workers, ThreadPoolExecutor(workers) as pool:
@@ -262,7 +263,9 @@ def slice_lung_field(plane: np.ndarray, config: dict[str, Any]) -> np.ndarray | 
     return lung_field(plane, int(config.get("lung_closing_px", LUNG_CLOSING_PX)), MIN_LUNG_PIXELS)
 
 
-_THREAD_SETTING = threading.Lock()  # held by the one volume whose slices share the CPU (see slice_threads)
+SLICE_SHARING = threading.Lock()
+"""Held by the one volume whose slices share the CPU (`slice_threads`); while it is held, other
+volumes run their slices one after another on torch's threads."""
 
 
 @contextmanager
@@ -272,7 +275,7 @@ def slice_threads(depth: int, device: torch.device) -> Iterator[int]:
     while another volume shares its slices: torch's thread count is process-wide, and a second
     volume that changed it too would restore it wrongly under the first."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or depth < 2 or threads < 2 or not _THREAD_SETTING.acquire(blocking=False):
+    if device.type != "cpu" or depth < 2 or threads < 2 or not SLICE_SHARING.acquire(blocking=False):
         yield 1
         return
     try:
@@ -280,7 +283,7 @@ def slice_threads(depth: int, device: torch.device) -> Iterator[int]:
         yield min(depth, threads)
     finally:
         torch.set_num_threads(threads)
-        _THREAD_SETTING.release()
+        SLICE_SHARING.release()
 
 
 def body_box(plane: np.ndarray, level: float) -> tuple[slice, slice] | None:

@@ -90,7 +90,7 @@ def test_a_volume_shared_among_threads_gives_each_slice_its_own_prediction(monke
         assert len({ident for ident, _, _ in seen}) > 1 and torch.get_num_threads() == 3  # and the setting is back
         assert np.allclose(shared, np.stack(alone), atol=1e-5)
         seen.clear()
-        with inference._THREAD_SETTING:  # another volume is sharing its slices: this one leaves torch alone
+        with inference.SLICE_SHARING:  # another volume is sharing its slices: this one leaves torch alone
             unshared, _ = predictor.predict_normalized(volume)
         assert {(t, g) for _, t, g in seen} == {(3, False)} and len({ident for ident, _, _ in seen}) == 1
         assert np.allclose(unshared, shared, atol=1e-5)

@@ -15,7 +15,7 @@ of its outline; closing fills bites up to about 2 x ``closing_px`` across, while
 and the chest wall, wider than that, stay outside.
 
 Both work on the bounding box of what they fill or close, with the result equal to that of the
-whole frame (a slice is mostly air and chest wall; the box makes the lung field ~3x cheaper):
+whole frame (a slice is mostly air and chest wall, so the box is a fraction of the frame):
 filling holes needs no margin, since every pixel on the box's edge that is not in the shape
 touches the outside, which is not either; closing needs ``closing_px + 1`` pixels of margin, since
 the dilation reaches ``closing_px`` beyond the shape and the erosion then sees a ring of
