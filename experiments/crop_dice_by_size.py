@@ -31,7 +31,7 @@ from scipy import ndimage
 from lungnlb.data.studies import read_records
 from lungnlb.evaluation.crops import crop_canvas
 from lungnlb.evaluation.predict import load_image
-from lungnlb.inference import Predictor
+from lungnlb.inference import MIN_COMPONENT_PIXELS, Predictor
 from lungnlb.io.atomic import atomic_write_text
 from lungnlb.overlap import dice_iou
 from lungnlb.stamp import run_stamp
@@ -68,7 +68,7 @@ def slice_masks(predictor: Predictor, plain: np.ndarray, mirrored: np.ndarray) -
     field = np.ones(plain.shape, bool)
     masks = {"shipped": predictor.finish_windows(plain, field, threshold)[0] > threshold,
              "mirror": predictor.finish_windows((plain + mirrored) / 2, field, threshold)[0] > threshold}
-    minimum = int(predictor.config.get("min_component_pixels", 10))
+    minimum = int(predictor.config.get("min_component_pixels", MIN_COMPONENT_PIXELS))
     for extent in EXTENTS:
         masks[f"extent {extent}"] = np.stack([hysteresis(p, threshold, extent, minimum) for p in plain])
     return masks

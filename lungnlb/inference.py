@@ -288,10 +288,10 @@ def slice_threads(depth: int, device: torch.device) -> Iterator[int]:
 
 def body_box(plane: np.ndarray, level: float) -> tuple[slice, slice] | None:
     """The bounding box of the pixels above ``level`` (the patient, not the air around), or None."""
-    rows, columns = np.flatnonzero((plane > level).any(axis=1)), np.flatnonzero((plane > level).any(axis=0))
-    if not len(rows):
-        return None
-    return slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
+    from lungnlb.labels.lung_region import bounding_box
+
+    body = plane > level
+    return bounding_box(body) if body.any() else None
 
 
 def remove_small_components(mask: np.ndarray, min_pixels: int, field: np.ndarray | None = None) -> np.ndarray:

@@ -11,7 +11,7 @@ from train_helpers import DATA
 
 from lungnlb.inference import Predictor, remove_small_components
 from lungnlb.io import read_image
-from lungnlb.labels.lung_region import lung_field, lungs
+from lungnlb.labels.lung_region import bounding_box, lung_field, lungs
 
 SAMPLE_CT = "sample_data/studies/Lung_Dx-A0001_2.000000-5mm-40805.nii.gz"
 
@@ -51,8 +51,8 @@ def test_the_field_on_the_lungs_box_equals_the_whole_frame_closing(margin):
     every edge of the image."""
     image = read_image(SAMPLE_CT)
     plane = Predictor.from_checkpoint().model_input(image.array[2], image.intensity)
-    rows, columns = np.flatnonzero(lungs(plane).any(axis=1)), np.flatnonzero(lungs(plane).any(axis=0))
-    plane = plane[rows[0] - margin:rows[-1] + 1 + margin, columns[0] - margin:columns[-1] + 1 + margin]
+    rows, columns = bounding_box(lungs(plane))
+    plane = plane[rows.start - margin:rows.stop + margin, columns.start - margin:columns.stop + margin]
     found = lungs(plane)
     field = lung_field(plane, closing_px=10, min_pixels=300)
     assert found is not None and field is not None and field.sum() > found.sum()
