@@ -270,3 +270,36 @@ def test_prepared_folder_follows_the_consensus(crop_files, tmp_path):
     assert prepared_folder(tmp_path / "src", cache, consensus=3) == cache and consensus() == {3}
     assert prepared_folder(tmp_path / "src", cache) == cache and consensus() == {2}
     assert prepared_folder(cache, tmp_path / "unused") == cache and not (tmp_path / "unused").exists()
+
+
+def test_reader_targets_are_the_readers_share_whose_half_is_the_reference(studies, crop_files):
+    """Soft training masks of the crops: n readers of a pixel -> min(n / 4, 1) under the 2-reader
+    consensus, so >= 0.5 is the reference; slices only one reader outlined load, below 0.5, and a
+    patch of one is no lesion."""
+    from lungnlb.data.studies import read_records
+    from lungnlb.training.augment import patch_transforms
+    from lungnlb.training.dataset import SliceDataset, load_slices
+
+    out, _ = studies
+    records = [r for r in read_records(out) if r["source"] == "lidc-crops"]
+    soft = load_slices(out, None, records=records, reader_targets=True)
+    hard = load_slices(out, None, records=records)
+    assert len(soft) == len(hard) and {s.mask.dtype for s in soft} == {np.dtype(np.float32)}
+    single_reader = []
+    for path in crop_files:
+        arrays = _arrays(path)
+        for sample in (s for s in soft if s.case == path.stem):
+            nodule = int(sample.image_id.rsplit("_n", 1)[1])
+            rows = np.flatnonzero(arrays["nodule"] == nodule)
+            row = rows[np.argsort(arrays["slice"][rows])][sample.z]
+            outlined = arrays["masks"][row].sum(axis=0)
+            assert np.array_equal(sample.mask, np.minimum(outlined / 4.0, 1.0).astype(np.float32))
+            assert np.array_equal(sample.mask >= 0.5, outlined >= 2)
+            if outlined.max() == 1:
+                single_reader.append(sample)
+    assert single_reader, "the crop without a consensus has slices one reader outlined"
+    item = SliceDataset(single_reader[:1], patch_transforms(0, 16, air=0.0, pos_fraction=0.99, augment=False),
+                        patches=True)[0]
+    assert float(item["mask"].max()) == 0.25 and float(item["label"]) == 0.0
+    with pytest.raises(ValueError, match="native-resolution"):
+        load_slices(out, (32, 32), records=records[:1], reader_targets=True)

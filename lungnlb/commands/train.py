@@ -27,6 +27,9 @@ HELP = {
     "patch_size": "native-resolution training on SIZE x SIZE patches at the slices' own pixel size "
                   "(sliding-window inference); overrides --input-size",
     "pos_fraction": "native-resolution training: share of patches centred on a lesion",
+    "reader_targets": "native-resolution training: on LIDC crops, train on the share of readers who outlined "
+                      "each pixel (0.5 = the reference consensus) instead of the reference alone, and on the "
+                      "slices only one reader outlined",
     "batch_size": "per process",
     "seg_weight": "weight of the DiceCE segmentation loss",
     "cls_weight": "weight of the BCE classification loss",

@@ -12,6 +12,12 @@ One `SliceSample` per labelled slice:
 Every slice goes through `lungnlb.io.intensity.to_model_input` (the one intensity mapping) and is
 resized to the training input size (bilinear; masks bilinear then > 0.5), so samples are
 (1, H, W) float32 in [0, 1].
+
+Reader targets (``reader_targets``, LIDC crops with each reader's outline): the mask of a slice is
+soft, ``t = min(n / (2k), 1)`` where ``n`` readers outlined the pixel and ``k`` is the consensus the
+reference was made with, so ``t >= 0.5`` is exactly the reference (``n >= k``) and a pixel fewer
+readers agree on is a softer target: with k = 2, one reader 0.25, two 0.5, three 0.75, four 1.
+Slices only one reader outlined then train too, with targets below the threshold.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ class SliceSample:
     source: str
     z: int
     image: np.ndarray
-    mask: np.ndarray | None
+    mask: np.ndarray | None  # bool, or float32 in [0, 1] for reader targets
     class_label: int | None
     weight: float = 1.0  # relative chance of being drawn for a batch (the app draws original labels less often)
     hard_negative: bool = False  # a crop around a trained model's false alarm (`lungnlb.training.hard_negatives`)
@@ -63,14 +69,29 @@ def sized_plane(plane: np.ndarray, mask: np.ndarray | None, input_size: tuple[in
     return _resize(plane, input_size), None if mask is None else _resize(mask, input_size, is_mask=True)
 
 
+def reader_target(studies: str | Path, record: dict[str, Any]) -> np.ndarray | None:
+    """The soft reader target of one prepared image (see the module docstring), float32 like its
+    reference; None when its sidecar lists no reader outlines or no consensus."""
+    from lungnlb.io import read_image
+
+    tags, consensus = record.get("reader_tags"), (record.get("params") or {}).get("consensus")
+    if not tags or not consensus:
+        return None
+    image_id = record["image_id"]
+    outlined = sum(read_image(label_path(studies, image_id, tag)).array > 0.5 for tag in tags)
+    return np.minimum(outlined / (2.0 * consensus), 1.0).astype(np.float32)
+
+
 def load_image_slices(
     studies: str | Path,
     record: dict[str, Any],
     input_size: tuple[int, int] | None,
     mapping: IntensityMapping | None = None,
+    reader_targets: bool = False,
 ) -> list[SliceSample]:
     """All labelled slices of one prepared image (resized to `input_size` unless None), through `mapping`
-    (the library's `IntensityMapping` when None)."""
+    (the library's `IntensityMapping` when None); with ``reader_targets``, soft masks where the
+    image has reader outlines (native resolution only)."""
     from lungnlb.io import read_image
     from lungnlb.io.intensity import to_model_input
 
@@ -81,6 +102,10 @@ def load_image_slices(
     mask = read_image(mask_path).array > 0.5 if mask_path.is_file() else None
     if mask is not None and mask.shape != image.array.shape:
         raise ValueError(f"mask {mask_path} has shape {mask.shape}, image has {image.array.shape}")
+    soft = reader_target(studies, record) if reader_targets and mask is not None else None
+    if soft is not None and input_size is not None:
+        raise ValueError("reader targets are for native-resolution training: give a patch size")
+    mask = mask if soft is None else soft
     array = to_model_input(image.array, record.get("intensity", image.intensity), mapping)
     samples = []
     for z, has_mask, label in slice_plan(record, mask, array.ndim):
@@ -98,8 +123,10 @@ def load_slices(
     records: list[dict[str, Any]] | None = None,
     progress: bool = False,
     mapping: IntensityMapping | None = None,
+    reader_targets: bool = False,
 ) -> list[SliceSample]:
-    """Labelled slices of the images `image_ids` (all when None) of a prepared studies folder, through `mapping`."""
+    """Labelled slices of the images `image_ids` (all when None) of a prepared studies folder, through
+    `mapping`; soft reader targets with ``reader_targets``."""
     records = records if records is not None else read_records(studies)
     if image_ids is not None:
         wanted = set(image_ids)
@@ -108,7 +135,7 @@ def load_slices(
         from tqdm.auto import tqdm
 
         records = tqdm(records, desc="loading slices", unit="image")
-    return [sample for record in records for sample in load_image_slices(studies, record, input_size, mapping)]
+    return [sample for record in records for sample in load_image_slices(studies, record, input_size, mapping, reader_targets)]
 
 
 class SliceDataset(Dataset):
@@ -119,7 +146,8 @@ class SliceDataset(Dataset):
 
     With ``patches`` (native-resolution training, the transform draws one patch of the slice): a
     tumour-free slice (class 0) counts as a known empty mask, and each patch's label is whether its
-    mask is non-empty; a tumour slice without a mask has no patch-level truth and must not be given.
+    mask reaches 0.5 anywhere (a soft reader target below it is no lesion); a tumour slice without a
+    mask has no patch-level truth and must not be given.
     """
 
     def __init__(self, samples: list[SliceSample], transform: Callable | None = None, patches: bool = False) -> None:
@@ -147,8 +175,8 @@ class SliceDataset(Dataset):
             finally:
                 set_track_meta(previous)
             item = item[0] if isinstance(item, list) else item  # a patch sampler returns a list of one
-        mask = (torch.as_tensor(item["mask"]) > 0.5).float()
-        label = float(mask.any()) if self.patches else float(sample.class_label or 0)
+        mask = torch.as_tensor(item["mask"]).float().clamp(0.0, 1.0)
+        label = float((mask >= 0.5).any()) if self.patches else float(sample.class_label or 0)
         return {
             "image": torch.as_tensor(item["image"]).float(),
             "mask": mask,

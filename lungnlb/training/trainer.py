@@ -70,6 +70,7 @@ class TrainConfig:
     input_size: int = 256
     patch_size: int | None = None  # native-resolution patches of this size instead of resized whole slices
     pos_fraction: float = 0.5  # share of patches centred on a lesion (native-resolution training)
+    reader_targets: bool = False  # soft masks from each reader's outline where there are some (native training)
     steps: int = 2000
     batch_size: int = 8
     lr: float = 1e-3
@@ -350,7 +351,8 @@ def load_training_set(config: TrainConfig, records: list[dict[str, Any]], split:
 
     size = None if config.patch_size else (config.input_size, config.input_size)
     train_samples = load_slices(config.data, size, split["images"]["train"], records,
-                                progress=config.progress and rank == 0, mapping=mapping)
+                                progress=config.progress and rank == 0, mapping=mapping,
+                                reader_targets=config.reader_targets)
     if not is_segmentation_model(config.model):
         train_samples = [s for s in train_samples if s.class_label is not None]
     if config.patch_size:  # only slices whose every patch has a known truth: a lesion mask, or tumour-free
