@@ -85,6 +85,17 @@ def test_hard_negatives_are_drawn_with_their_share():
     assert summary["sources"]["lidc-idri"]["images"] == 8
 
 
+def test_tumour_free_slices_with_an_empty_mask_are_drawn_with_the_tumour_free_share():
+    """The far slices of a CT series (an empty mask) are tumour-free draws like the JPEG normals
+    (no mask), not lesion draws: the share of lesion slices is `seg_fraction`."""
+    lesions = [_sample(f"P{i}", 8, np.ones((8, 8), bool), 1) for i in range(2)]
+    empty = [_sample(f"E{i}", 8, np.zeros((8, 8), bool), 0) for i in range(3)]
+    no_mask = [_sample(f"N{i}", 8, None, 0) for i in range(3)]
+    share = sample_weights(lesions + empty + no_mask, seg_fraction=0.7)
+    share = share / share.sum()
+    assert share[:2].sum() == pytest.approx(0.7) and np.allclose(share[2:], 0.05)
+
+
 def test_a_run_starts_from_the_weights_of_the_same_model_only(tmp_path):
     torch.manual_seed(0)
     model = build_model("unet_sl_nlb", in_channels=1, **TINY_KWARGS)

@@ -126,7 +126,8 @@ class WeightedShardSampler(Sampler[int]):
 
 def sample_weights(samples: list[SliceSample], seg_fraction: float | None, hard_fraction: float = 0.0) -> np.ndarray:
     """Each sample's own `weight`, times (when `seg_fraction` is set) the share giving slices with a
-    mask a total probability of `seg_fraction`; hard-negative crops, when there are any, get a total
+    lesion (a non-empty mask) a total probability of `seg_fraction`, and the rest (tumour-free slices,
+    with an empty mask or none, and classification-only ones) the remainder; hard-negative crops, when there are any, get a total
     probability of `hard_fraction` and the rest keep their proportions in the remainder. Drawing a
     sample with probability proportional to w makes the expected batch loss the w-weighted mean
     loss, so weights need no term in the loss."""
@@ -137,10 +138,10 @@ def sample_weights(samples: list[SliceSample], seg_fraction: float | None, hard_
         weights[~hard] = rest / rest.sum() * (1 - hard_fraction)
         weights[hard] *= hard_fraction / weights[hard].sum()
         return weights
-    has_mask = np.array([sample.mask is not None for sample in samples])
-    if seg_fraction is None or has_mask.all() or not has_mask.any():
+    lesion = np.array([sample.mask is not None and bool(sample.mask.any()) for sample in samples])
+    if seg_fraction is None or lesion.all() or not lesion.any():
         return weights
-    return weights * np.where(has_mask, seg_fraction / has_mask.sum(), (1 - seg_fraction) / (~has_mask).sum())
+    return weights * np.where(lesion, seg_fraction / lesion.sum(), (1 - seg_fraction) / (~lesion).sum())
 
 
 def balanced_pos_weight(samples: list[SliceSample], weights: np.ndarray) -> float | None:
