@@ -11,7 +11,7 @@ from train_helpers import DATA
 
 from lungnlb.inference import Predictor, remove_small_components
 from lungnlb.io import read_image
-from lungnlb.labels.lung_region import bounding_box, lung_field, lungs
+from lungnlb.labels.lung_region import bounding_box, fill_holes, lung_field, lungs
 
 SAMPLE_CT = "sample_data/studies/Lung_Dx-A0001_2.000000-5mm-40805.nii.gz"
 
@@ -33,6 +33,27 @@ def test_the_field_keeps_a_nodule_against_the_chest_wall_and_leaves_out_the_medi
     assert not field[128, 128]  # the mediastinum between the lungs (50 px wide)
     assert not field[128, 20] and not field[5, 5]  # chest wall, air
     assert lung_field(np.full((256, 256), 0.6, np.float32), 10, 300) is None  # no lungs on the slice
+
+
+def test_fill_holes_is_scipys_on_real_ct_and_edge_cases():
+    """The body and the dark pixels of every slice of a real CT series, and shapes whose holes touch
+    the border, fill exactly as `scipy.ndimage.binary_fill_holes` fills them."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    image = read_image(SAMPLE_CT)
+    planes = Predictor.from_checkpoint().model_input(image.array, image.intensity)
+    masks = [m for plane in planes for m in (plane > threshold_otsu(plane), plane < threshold_otsu(plane))]
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7], ring[3:6, 3:6] = True, False
+    open_ring = ring.copy()
+    open_ring[4, 2] = False  # the hole reaches the outside through a gap
+    diagonal = np.eye(6, dtype=bool) | np.eye(6, dtype=bool)[::-1]  # 4-connected background: no holes
+    masks += [ring, open_ring, ring[2:, 2:], diagonal, np.zeros((5, 5), bool), np.ones((5, 5), bool)]
+    filled = [fill_holes(mask) for mask in masks]
+    assert filled[-6][4, 4] and not filled[-5][4, 4]
+    for mask, result in zip(masks, filled):
+        assert np.array_equal(result, ndimage.binary_fill_holes(mask))
 
 
 def _whole_frame_field(found: np.ndarray, closing_px: int) -> np.ndarray:

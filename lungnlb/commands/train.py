@@ -33,7 +33,8 @@ HELP = {
     "batch_size": "per process",
     "seg_weight": "weight of the DiceCE segmentation loss",
     "cls_weight": "weight of the BCE classification loss",
-    "seg_fraction": "expected share of slices with a mask per batch ('none': sample uniformly)",
+    "seg_fraction": "expected share of slices with a lesion (a non-empty mask) per batch, the rest tumour-free or "
+                    "classification-only ('none': sample uniformly)",
     "balance_classes": "weight positives by the drawn negative/positive ratio in the BCE",
     "grad_clip": "max gradient norm (0: off)",
     "val_slices": "validate on at most N slices, a seeded draw keeping the mix of tumour and tumour-free slices "

@@ -39,11 +39,11 @@ def lungs(slice01: np.ndarray) -> np.ndarray | None:
         return None
     body = components == 1 + np.argmax(np.bincount(components.ravel())[1:])
     box = bounding_box(body)
-    inner = dark[box] & ndimage.binary_fill_holes(body[box])
+    inner = dark[box] & fill_holes(body[box])
     if not inner.any():
         return None
     found = np.zeros(slice01.shape, dtype=bool)
-    found[box] = ndimage.binary_fill_holes(inner)
+    found[box] = fill_holes(inner)
     return found
 
 
@@ -70,6 +70,18 @@ def lung_field(slice01: np.ndarray, closing_px: int, min_pixels: int) -> np.ndar
     closed = np.zeros_like(padded)
     closed[box] = ndimage.distance_transform_edt(dilated) > closing_px
     return closed[margin:-margin, margin:-margin] | found
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (H, W) bool with its holes filled, as `scipy.ndimage.binary_fill_holes` does: the
+    4-connected components of the background that do not reach the border are holes. One labelling
+    instead of dilating the border inwards until nothing changes (several times faster on a slice)."""
+    background, count = ndimage.label(~mask)
+    outside = np.zeros(count + 1, dtype=bool)
+    for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
+        outside[edge] = True
+    outside[0] = False  # the mask itself
+    return ~outside[background]
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, slice]:
