@@ -135,7 +135,8 @@ def load_slices(
         from tqdm.auto import tqdm
 
         records = tqdm(records, desc="loading slices", unit="image")
-    return [sample for record in records for sample in load_image_slices(studies, record, input_size, mapping, reader_targets)]
+    return [sample for record in records
+            for sample in load_image_slices(studies, record, input_size, mapping, reader_targets)]
 
 
 class SliceDataset(Dataset):

@@ -126,9 +126,10 @@ class WeightedShardSampler(Sampler[int]):
 
 def sample_weights(samples: list[SliceSample], seg_fraction: float | None, hard_fraction: float = 0.0) -> np.ndarray:
     """Each sample's own `weight`, times (when `seg_fraction` is set) the share giving slices with a
-    lesion (a non-empty mask) a total probability of `seg_fraction`, and the rest (tumour-free slices,
-    with an empty mask or none, and classification-only ones) the remainder; hard-negative crops, when there are any, get a total
-    probability of `hard_fraction` and the rest keep their proportions in the remainder. Drawing a
+    lesion (a mask reaching 0.5) a total probability of `seg_fraction`, and the rest (tumour-free
+    slices, with an empty mask or none, and classification-only ones) the remainder; hard-negative
+    crops, when there are any, get a total probability of `hard_fraction` and the rest keep their
+    proportions in the remainder. Drawing a
     sample with probability proportional to w makes the expected batch loss the w-weighted mean
     loss, so weights need no term in the loss."""
     hard = np.array([sample.hard_negative for sample in samples], dtype=bool)
@@ -138,7 +139,7 @@ def sample_weights(samples: list[SliceSample], seg_fraction: float | None, hard_
         weights[~hard] = rest / rest.sum() * (1 - hard_fraction)
         weights[hard] *= hard_fraction / weights[hard].sum()
         return weights
-    lesion = np.array([sample.mask is not None and bool(sample.mask.any()) for sample in samples])
+    lesion = np.array([sample.mask is not None and bool((sample.mask >= 0.5).any()) for sample in samples])
     if seg_fraction is None or lesion.all() or not lesion.any():
         return weights
     return weights * np.where(lesion, seg_fraction / lesion.sum(), (1 - seg_fraction) / (~lesion).sum())
