@@ -99,3 +99,26 @@ def test_shipped_weights_record_their_mapping():
     expected = IntensityMapping.from_config(json.loads(json.dumps(recorded)))(npz, "normalized")
     assert np.array_equal(predictor.model_input(npz, "normalized"), expected)
     assert not np.array_equal(expected, IntensityMapping.from_config({"window": None})(npz, "normalized"))
+
+
+def _unevenness(grey: np.ndarray) -> float:
+    """Coefficient of variation of the histogram of the upper grey levels (130..249): 0 when flat."""
+    counts = np.bincount(grey[grey >= 125].astype(np.int64), minlength=256)[130:250]
+    return float(counts.std() / counts.mean())
+
+
+def test_iq_othnccd_jpegs_are_histogram_equalised_not_windowed():
+    """Why ``"windowed8bit"`` has no HU step: in every tenth IQ-OTH/NCCD JPEG no pixel lies between
+    the black background and the patient, and the patient's grey levels are spread evenly over the
+    upper half of the range, where a real CT slice through a reading window keeps its tissues' peaks."""
+    from lungnlb.io import read_image
+
+    files = sorted((DATA / "iq-othnccd").glob("*/*.jpg"))[::10]
+    assert len(files) > 50
+    for path in files:
+        grey = read_image(path).array
+        assert not ((grey >= 16) & (grey < 110)).any(), path
+        assert _unevenness(grey) < 0.5, path
+    hu = read_image(ROOT / "sample_data" / "studies" / "Lung_Dx-A0001_2.000000-5mm-40805.nii.gz", "hu").array
+    windowed = np.clip((hu[len(hu) // 2] + 125.0) / 350.0 * 255.0, 0, 255)  # width 350, centre 50 HU
+    assert _unevenness(windowed) > 0.5

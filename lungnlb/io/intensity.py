@@ -6,9 +6,10 @@ lung window, centre ``c`` = -600 HU and width ``w`` = 1500 HU by default:
 `ScaleIntensityRange` with clipping).
 
 * ``"hu"``: already HU.
-* ``"windowed8bit"``: ``x = v / 255``, no HU step. IQ-OTH/NCCD was windowed by its publisher with
-  an unknown window (its description only gives width 350..1200 HU, centre 50..600 HU used for
-  reading), so no HU can be recovered; /255 is the only honest map.
+* ``"windowed8bit"``: ``x = v / 255``, no HU step. IQ-OTH/NCCD's publisher gives only the windows
+  used for reading (width 350..1200 HU, centre 50..600 HU), and its JPEGs are histogram-equalised:
+  black below a level, the rest of the patient spread evenly over the upper half of the grey
+  levels. No HU can be recovered; /255 is the only honest map.
 * ``"crops8bit"`` (the 8-bit LIDC nodule crops): the publisher rescaled every crop by its own
   minimum and maximum, so the HU of a grey level differs from crop to crop (slope 6..16 HU per
   level; 1 crop in 7 has the scanner's -2048/-3024 padding as its minimum). `LungAnchoredToHU`
