@@ -50,6 +50,9 @@ HELP = {
     "hard_negatives_from": "native-resolution training: add crops around this checkpoint's false alarms on the "
                            "training whole slices as hard negatives",
     "hard_negative_fraction": "expected share of hard-negative crops per batch",
+    "weak_positives": "native-resolution training: per batch, this many windows of tumour slices that have no "
+                      "mask (IQ-OTH/NCCD), each the window the model ranks highest on its slice, trained to be "
+                      "called tumour (multiple-instance learning)",
 }
 NOT_OPTIONS = ("data", "out", "progress", "tensorboard")
 

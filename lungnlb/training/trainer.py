@@ -18,7 +18,8 @@ never kept), `last` the latest weights plus the optimiser state for `--resume`. 
 
 A run may start from a checkpoint's weights (`init`) and add hard-negative crops around another
 checkpoint's false alarms on the training slices (`hard_negatives_from`, drawn with probability
-`hard_negative_fraction`; `lungnlb.training.hard_negatives`).
+`hard_negative_fraction`; `lungnlb.training.hard_negatives`), and train on tumour slices known only by
+their class (`weak_positives` per batch, multiple-instance learning: `lungnlb.training.weak_positives`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from lungnlb.training.validation import (
     validation_score,
     validation_subset,
 )
+from lungnlb.training.weak_positives import WeakPositives, is_weak_positive, mil_loss
 
 
 @dataclass
@@ -98,6 +100,7 @@ class TrainConfig:
     init: str | None = None  # start from this checkpoint's weights (same model and geometry)
     hard_negatives_from: str | None = None  # mine hard-negative crops with this checkpoint (native training)
     hard_negative_fraction: float = 0.2  # expected share of hard-negative crops per batch
+    weak_positives: int = 0  # windows per batch chosen by MIL from tumour slices without a mask (native training)
 
 
 class WeightedShardSampler(Sampler[int]):
@@ -241,12 +244,18 @@ def _infinite_batches(loader: DataLoader, sampler: WeightedShardSampler, epoch: 
 
 def train_step(network: nn.Module, batch: dict[str, torch.Tensor], criterion: MultiTaskLoss,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
-               use_amp: bool) -> tuple[torch.Tensor, dict[str, float]]:
+               use_amp: bool, weak_windows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One optimiser step on a batch already on the device: forward (autocast when `use_amp`), the
-    multi-task loss, scaled backward, gradient norm clipped to `grad_clip` (0: off); (loss, parts)."""
-    with torch.autocast(device_type=batch["image"].device.type, enabled=use_amp):
-        output = network(batch["image"])
-    loss, parts = criterion(output, batch)
+    multi-task loss, plus the MIL loss of ``weak_windows`` (`lungnlb.training.weak_positives`; in the
+    same forward pass), scaled backward, gradient norm clipped to `grad_clip` (0: off); (loss, parts)."""
+    images = batch["image"] if weak_windows is None else torch.cat([batch["image"], weak_windows])
+    with torch.autocast(device_type=images.device.type, enabled=use_amp):
+        output = network(images)
+    count = batch["image"].shape[0]
+    loss, parts = criterion(_first_rows(output, count), batch)
+    if weak_windows is not None:
+        weak = mil_loss(output["seg"][count:])
+        loss, parts = loss + weak, {**parts, "weak": float(weak.detach())}
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -255,6 +264,12 @@ def train_step(network: nn.Module, batch: dict[str, torch.Tensor], criterion: Mu
     scaler.step(optimizer)
     scaler.update()
     return loss, parts
+
+
+def _first_rows(output: dict[str, Any], count: int) -> dict[str, Any]:
+    """The model's outputs (tensors, or lists of them) for the first ``count`` inputs."""
+    return {key: [part[:count] for part in value] if isinstance(value, list) else value[:count]
+            for key, value in output.items()}
 
 
 def resolve_split(config: TrainConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -313,6 +328,7 @@ class TrainingSet:
     train: list[SliceSample]
     val: list[SliceSample]
     summary: dict[str, Any]
+    weak: list[SliceSample] = field(default_factory=list)  # tumour slices known by class only (MIL)
 
 
 @dataclass(frozen=True)
@@ -357,16 +373,17 @@ def load_training_set(config: TrainConfig, records: list[dict[str, Any]], split:
                                 reader_targets=config.reader_targets)
     if not is_segmentation_model(config.model):
         train_samples = [s for s in train_samples if s.class_label is not None]
+    weak = [s for s in train_samples if is_weak_positive(s)] if config.patch_size and config.weak_positives else []
     if config.patch_size:  # only slices whose every patch has a known truth: a lesion mask, or tumour-free
         train_samples = [s for s in train_samples if s.class_label == 0 or (s.mask is not None and s.mask.any())]
     if config.hard_negatives_from:
         train_samples += hard_negative_crops(config, train_samples)
     val_samples = load_validation_set(config, records, split, mapping) if rank == 0 else []
-    summary = data_summary(config.data, train_samples, split)
+    summary = data_summary(config.data, train_samples + weak, split)
     if config.init:  # the patients behind the starting weights were trained on too
         summary["train_cases"] = sorted(set(summary["train_cases"]) | set(
             read_config(config.init).get("training_data", {}).get("train_cases") or []))
-    return TrainingSet(train_samples, val_samples, summary)
+    return TrainingSet(train_samples, val_samples, summary, weak)
 
 
 def hard_negative_crops(config: TrainConfig, samples: list[SliceSample]) -> list[SliceSample]:
@@ -436,6 +453,7 @@ def fit(
         network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     loader, sampler = _loader(config, data.train, weights, mapping, rank, world_size, step, device)
+    weak = _weak_positives(config, data, mapping)
     batches = _infinite_batches(loader, sampler, epoch=step // max(1, len(loader)))
     windows = checkpoint_config(config, {}, {}, 0, mapping) if config.patch_size else None
     writer = _writer(out, config) if rank == 0 else None
@@ -449,7 +467,9 @@ def fit(
     while step < total:
         network.train()
         batch = {key: value.to(device) for key, value in next(batches).items()}
-        loss, parts = train_step(network, batch, criterion, optimizer, scaler, config.grad_clip, use_amp)
+        weak_windows = None if weak is None else weak.draw(
+            model, np.random.default_rng((config.seed, rank, step)), config.weak_positives, device)
+        loss, parts = train_step(network, batch, criterion, optimizer, scaler, config.grad_clip, use_amp, weak_windows)
         scheduler.step()
         step += 1
         if config.time_budget_s is not None and step - first_step == BUDGET_PROBE_STEPS:
@@ -503,6 +523,17 @@ def _loader(config: TrainConfig, samples: list[SliceSample], weights: np.ndarray
                         num_workers=config.num_workers, drop_last=False, persistent_workers=config.num_workers > 0,
                         pin_memory=device.type == "cuda")
     return loader, sampler
+
+
+def _weak_positives(config: TrainConfig, data: TrainingSet, mapping: IntensityMapping) -> WeakPositives | None:
+    """The MIL windows' source when `config.weak_positives` asks for some; an error when it cannot give them."""
+    if not config.weak_positives:
+        return None
+    if config.weak_positives < 0 or not config.patch_size:
+        raise ValueError("--weak-positives is a count of windows per batch, for native-resolution training (--patch-size)")
+    if not data.weak:
+        raise ValueError("--weak-positives: no tumour slice without a mask among the training slices")
+    return WeakPositives(data.weak, config.patch_size, mapping.air())
 
 
 def _short(metrics: dict[str, Any]) -> dict[str, str]:

@@ -1,0 +1,101 @@
+"""Weak positives: tumour slices known only by their class, trained by multiple-instance learning.
+
+The IQ-OTH/NCCD benign and malignant JPEGs say "neoplasm on this slice" and nothing about where (no
+mask, no box), so no patch of them has a pixel truth. A native-resolution model sees one window at
+a time and calls a slice tumour when some window marks a component; so such a slice is a bag of
+windows of which at least one holds the tumour (multiple-instance learning, MIL), as a tumour-free
+slice is a bag whose every window holds none (trained already, as tumour-free patches).
+
+For each weak slice drawn, the model (without gradients) scores every window of a grid laid over
+the slice's lung field (the lungs closed as inference closes them; the body where no lungs are
+found), the grid shifted at random on every draw so a tumour one grid cuts lies whole in another:
+
+    s(w) = mean of the k highest seg logits of window w,   k = MIN_COMPONENT_PIXELS
+
+(a slice is called tumour when a component of at least k pixels passes the threshold). The window
+with the highest score, w*, trains with
+
+    L_weak = BCE-with-logits(s(w*), 1)
+
+the top-instance MIL of Campanella et al. (Nature Medicine 2019) with a top-k pooling: only the
+slice's verdict is supervised, no pixel beyond the k it already ranks highest. Windows are
+(count, 1, size, size) in the model's [0, 1] range, taken as they are (no augmentation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lungnlb.inference import BODY_MARGIN, LUNG_FIELD_MIN_SIZE, MIN_COMPONENT_PIXELS, slice_lung_field
+from lungnlb.labels.lung_region import bounding_box
+from lungnlb.training.dataset import SliceSample
+
+
+def is_weak_positive(sample: SliceSample) -> bool:
+    """A whole tumour slice with no mask: its class is its only truth."""
+    return sample.mask is None and sample.class_label == 1 and min(sample.image.shape) >= LUNG_FIELD_MIN_SIZE
+
+
+def top_k_logit(seg_logits: torch.Tensor, k: int = MIN_COMPONENT_PIXELS) -> torch.Tensor:
+    """s(w): the mean of the ``k`` highest logits of each window; (B, 1, H, W) -> (B,)."""
+    return seg_logits.float().flatten(1).topk(k, dim=1).values.mean(dim=1)
+
+
+def mil_loss(seg_logits: torch.Tensor, k: int = MIN_COMPONENT_PIXELS) -> torch.Tensor:
+    """L_weak over windows chosen from tumour slices: BCE-with-logits of s(w) against 1, their mean."""
+    scores = top_k_logit(seg_logits, k)
+    return F.binary_cross_entropy_with_logits(scores, torch.ones_like(scores))
+
+
+def grid_windows(field: np.ndarray, size: int, offset: tuple[int, int]) -> np.ndarray:
+    """Top-left corners (N, 2) of the ``size`` x ``size`` windows of a grid over the box of ``field``
+    (Y, X) bool, shifted back by ``offset`` (each in [0, size)), moved inside the slice, that hold
+    some of the field."""
+    box = bounding_box(field)
+    axes = []
+    for part, length, shift in zip(box, field.shape, offset):
+        starts = np.arange(part.start - shift, part.stop, size)
+        axes.append(np.clip(starts, 0, max(0, length - size)))
+    corners = np.unique(np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 2), axis=0)
+    holds = [field[y : y + size, x : x + size].any() for y, x in corners]
+    return corners[np.array(holds, dtype=bool)]
+
+
+class WeakPositives:
+    """The weak-positive slices of a run and the windows MIL trains on (see the module docstring).
+
+    Args:
+        samples: whole tumour slices without a mask (`is_weak_positive`), images in [0, 1].
+        size: the training patch size.
+        air: the model input value of air, for the body where no lungs are found.
+    """
+
+    def __init__(self, samples: list[SliceSample], size: int, air: float) -> None:
+        if not samples or not all(map(is_weak_positive, samples)):
+            raise ValueError("weak positives are whole tumour slices without a mask; none given, or another kind")
+        self.samples, self.size = samples, size
+        self.fields = [self._field(sample.image, air) for sample in samples]
+
+    @staticmethod
+    def _field(image: np.ndarray, air: float) -> np.ndarray:
+        field = slice_lung_field(image, {})
+        field = image > air + BODY_MARGIN if field is None else field
+        return field if field.any() else np.ones(image.shape, dtype=bool)
+
+    def candidates(self, index: int, offset: tuple[int, int]) -> torch.Tensor:
+        """Every grid window of slice ``index`` (N, 1, size, size)."""
+        image, size = self.samples[index].image, self.size
+        corners = grid_windows(self.fields[index], size, offset)
+        return torch.from_numpy(np.stack([image[y : y + size, x : x + size] for y, x in corners]))[:, None]
+
+    @torch.no_grad()
+    def draw(self, model: nn.Module, rng: np.random.Generator, count: int, device: torch.device) -> torch.Tensor:
+        """w* of ``count`` slices drawn at random (with replacement): (count, 1, size, size) on ``device``."""
+        chosen = []
+        for index in rng.integers(len(self.samples), size=count):
+            windows = self.candidates(int(index), tuple(int(v) for v in rng.integers(self.size, size=2))).to(device)
+            chosen.append(windows[int(top_k_logit(model(windows)["seg"]).argmax())])
+        return torch.stack(chosen)
