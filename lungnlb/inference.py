@@ -15,7 +15,10 @@ of two forms, chosen by the checkpoint:
   tumour: a predicted component is kept only when it touches the lung field
   (`lungnlb.labels.lung_region.lung_field`: the lungs closed by ``lung_closing_px``, so tumours
   against the chest wall and the mediastinum stay in), and windows that miss the field are not
-  run. The mediastinum and the chest wall, where a model that sees one window at a time finds
+  run. Lungs are sought only on a slice with the grey levels of air and lung (``LUNG_GREY_HU``)
+  under the checkpoint's mapping: the IQ-OTH/NCCD JPEGs, histogram-equalised under a mediastinal
+  window, have none, their lungs as black as the air round the patient, and what Otsu's threshold
+  finds in them is the mediastinum or the spine. The mediastinum and the chest wall, where a model that sees one window at a time finds
   most of its false positives, are left out. The windows stay where the body box puts them: the
   model's output depends on where a window falls, and windows laid over the lungs' box alone
   lowered whole-slice Dice. In a volume, slices without lungs (above or below them) are skipped.
@@ -67,6 +70,7 @@ LUNG_FIELD_MIN_SIZE = 192  # smaller images are crops around a nodule: too littl
 LUNG_CLOSING_PX = 10  # ~7 mm at the 0.7-0.8 mm pixels of chest CT: bites of juxtapleural nodules up to ~14 mm
 MIN_LUNG_PIXELS = 300  # less "lung" than this on a whole slice is gas in the bowel or the trachea, not lungs
 SKIPPED_WINDOW_LOGIT = -20.0  # a window outside the lung field: background, sigmoid ~2e-9
+LUNG_GREY_HU = (-1000.0, -750.0)  # air to aerated lung: what every chest CT slice with HU shows
 
 
 def resize_batch(batch: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -260,7 +264,19 @@ def slice_lung_field(plane: np.ndarray, config: dict[str, Any]) -> np.ndarray | 
 
     if not config.get("lung_filter", True) or min(plane.shape) < LUNG_FIELD_MIN_SIZE:
         return None
+    if not has_lung_grey_levels(plane, config):
+        return None
     return lung_field(plane, int(config.get("lung_closing_px", LUNG_CLOSING_PX)), MIN_LUNG_PIXELS)
+
+
+def has_lung_grey_levels(plane: np.ndarray, config: dict[str, Any]) -> bool:
+    """Whether at least ``MIN_LUNG_PIXELS`` pixels of a (Y, X) slice in [0, 1] have the values of
+    ``LUNG_GREY_HU`` under the checkpoint ``config``'s intensity mapping."""
+    from lungnlb.io.intensity import IntensityMapping
+
+    mapping = IntensityMapping.from_config(config.get("intensity"))
+    low, high = (mapping.input_of_hu(hu) for hu in LUNG_GREY_HU)
+    return int(np.count_nonzero((plane >= low) & (plane <= high))) >= MIN_LUNG_PIXELS
 
 
 SLICE_SHARING = threading.Lock()

@@ -199,8 +199,12 @@ class IntensityMapping:
 
     def air(self) -> float:
         """The model input value of air (``AIR_HU``): what padding around a patient must be."""
+        return self.input_of_hu(AIR_HU)
+
+    def input_of_hu(self, hu: float) -> float:
+        """The model input value of ``hu`` Hounsfield units (an image with HU, through the window)."""
         low, high = window_bounds(self.window)
-        return float(np.clip((AIR_HU - low) / (high - low), 0.0, 1.0))
+        return float(np.clip((hu - low) / (high - low), 0.0, 1.0))
 
     def as_config(self) -> dict[str, Any]:
         """Plain (JSON) dict: the window and every kind's constants."""
