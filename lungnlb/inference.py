@@ -15,13 +15,13 @@ of two forms, chosen by the checkpoint:
   tumour: a predicted component is kept only when it touches the lung field
   (`lungnlb.labels.lung_region.lung_field`: the lungs closed by ``lung_closing_px``, so tumours
   against the chest wall and the mediastinum stay in), and windows that miss the field are not
-  run. Lungs are sought only on a slice with the grey levels of air and lung (``LUNG_GREY_HU``)
-  under the checkpoint's mapping: the IQ-OTH/NCCD JPEGs, histogram-equalised under a mediastinal
-  window, have none, their lungs as black as the air round the patient, and what Otsu's threshold
-  finds in them is the mediastinum or the spine. The mediastinum and the chest wall, where a model that sees one window at a time finds
-  most of its false positives, are left out. The windows stay where the body box puts them: the
-  model's output depends on where a window falls, and windows laid over the lungs' box alone
-  lowered whole-slice Dice. In a volume, slices without lungs (above or below them) are skipped.
+  run. The mediastinum and the chest wall, where a model that sees one window at a time finds
+  most of its false positives, are left out. Lungs are sought only on a slice with the grey levels
+  of air and lung (``LUNG_GREY_HU``) under the checkpoint's mapping: the IQ-OTH/NCCD JPEGs,
+  histogram-equalised under a mediastinal window, have none, their lungs as black as the air round
+  the patient, and what Otsu's threshold finds in them is the mediastinum or the spine. The
+  windows stay where the body box puts them: the model's output depends on where a window falls,
+  and windows laid over the lungs' box alone lowered whole-slice Dice. In a volume, slices without lungs (above or below them) are skipped.
   Crops, and slices where no lungs are found, keep the whole body box. Predicted components
   smaller than ``min_component_pixels`` are removed, and the slice probability is the highest
   remaining mask probability, so a slice is called tumour exactly when its mask is non-empty at

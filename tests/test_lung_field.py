@@ -9,7 +9,7 @@ import pytest
 import torch
 from train_helpers import DATA
 
-from lungnlb.inference import Predictor, remove_small_components
+from lungnlb.inference import Predictor, has_lung_grey_levels, remove_small_components, slice_lung_field
 from lungnlb.io import read_image
 from lungnlb.labels.lung_region import bounding_box, fill_holes, lung_field, lungs
 
@@ -147,3 +147,21 @@ def test_whole_slice_false_positives_outside_the_lungs_are_removed(predictor):
     kept = predictor.predict(plane, image.intensity).probability
     off = _off_field(raw, field, predictor.threshold)
     assert off.any() and not (kept[off] > predictor.threshold).any()
+
+
+def test_lungs_are_sought_only_on_slices_with_the_grey_levels_of_air_and_lung():
+    """Every slice of a real CT has them; the IQ-OTH/NCCD JPEGs (mediastinal window, equalised) have
+    none, though Otsu's threshold finds "lungs" in some of them: the mediastinum or the spine."""
+    predictor = Predictor.from_checkpoint()
+    image = read_image(SAMPLE_CT)
+    planes = predictor.model_input(image.array, image.intensity)
+    assert all(has_lung_grey_levels(plane, predictor.config) for plane in planes)
+    assert any(slice_lung_field(plane, predictor.config) is not None for plane in planes)
+    found_by_otsu = 0
+    for path in sorted((DATA / "iq-othnccd").glob("*/*.jpg"))[::10]:
+        jpeg = read_image(path)
+        plane = predictor.model_input(jpeg.array, jpeg.intensity)
+        assert not has_lung_grey_levels(plane, predictor.config), path.name
+        assert slice_lung_field(plane, predictor.config) is None
+        found_by_otsu += lung_field(plane, 10, 300) is not None
+    assert found_by_otsu > 0

@@ -533,7 +533,7 @@ def _weak_positives(config: TrainConfig, data: TrainingSet, mapping: IntensityMa
         raise ValueError("--weak-positives is a count of windows per batch, for native-resolution training (--patch-size)")
     if not data.weak:
         raise ValueError("--weak-positives: no tumour slice without a mask among the training slices")
-    return WeakPositives(data.weak, config.patch_size, mapping.air())
+    return WeakPositives(data.weak, config.patch_size, mapping)
 
 
 def _short(metrics: dict[str, Any]) -> dict[str, str]:

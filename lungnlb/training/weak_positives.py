@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lungnlb.inference import BODY_MARGIN, LUNG_FIELD_MIN_SIZE, MIN_COMPONENT_PIXELS, slice_lung_field
+from lungnlb.io.intensity import IntensityMapping
 from lungnlb.labels.lung_region import bounding_box
 from lungnlb.training.dataset import SliceSample
 
@@ -70,19 +71,19 @@ class WeakPositives:
     Args:
         samples: whole tumour slices without a mask (`is_weak_positive`), images in [0, 1].
         size: the training patch size.
-        air: the model input value of air, for the body where no lungs are found.
+        mapping: the run's intensity mapping (the lung field's grey levels, the value of air).
     """
 
-    def __init__(self, samples: list[SliceSample], size: int, air: float) -> None:
+    def __init__(self, samples: list[SliceSample], size: int, mapping: IntensityMapping) -> None:
         if not samples or not all(map(is_weak_positive, samples)):
             raise ValueError("weak positives are whole tumour slices without a mask; none given, or another kind")
         self.samples, self.size = samples, size
-        self.fields = [self._field(sample.image, air) for sample in samples]
+        self.fields = [self._field(sample.image, mapping) for sample in samples]
 
     @staticmethod
-    def _field(image: np.ndarray, air: float) -> np.ndarray:
-        field = slice_lung_field(image, {})
-        field = image > air + BODY_MARGIN if field is None else field
+    def _field(image: np.ndarray, mapping: IntensityMapping) -> np.ndarray:
+        field = slice_lung_field(image, {"intensity": mapping.as_config()})
+        field = image > mapping.air() + BODY_MARGIN if field is None else field
         return field if field.any() else np.ones(image.shape, dtype=bool)
 
     def candidates(self, index: int, offset: tuple[int, int]) -> torch.Tensor:
