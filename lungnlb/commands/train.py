@@ -53,6 +53,8 @@ HELP = {
     "weak_positives": "native-resolution training: per batch, this many windows of tumour slices that have no "
                       "mask (IQ-OTH/NCCD), each the window the model ranks highest on its slice, trained to be "
                       "called tumour (multiple-instance learning)",
+    "top_negatives": "native-resolution training: per batch, this many windows of tumour-free whole slices, each the "
+                     "window the model ranks highest on its slice, trained as background",
 }
 NOT_OPTIONS = ("data", "out", "progress", "tensorboard")
 

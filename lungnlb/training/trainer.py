@@ -18,8 +18,9 @@ never kept), `last` the latest weights plus the optimiser state for `--resume`. 
 
 A run may start from a checkpoint's weights (`init`) and add hard-negative crops around another
 checkpoint's false alarms on the training slices (`hard_negatives_from`, drawn with probability
-`hard_negative_fraction`; `lungnlb.training.hard_negatives`), and train on tumour slices known only by
-their class (`weak_positives` per batch, multiple-instance learning: `lungnlb.training.weak_positives`).
+`hard_negative_fraction`; `lungnlb.training.hard_negatives`), train on tumour slices known only by
+their class (`weak_positives` windows per batch) and on the windows it ranks highest on tumour-free
+whole slices (`top_negatives` per batch; multiple-instance learning: `lungnlb.training.mil`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from lungnlb.training.validation import (
     validation_score,
     validation_subset,
 )
-from lungnlb.training.weak_positives import WeakPositives, is_weak_positive, mil_loss
+from lungnlb.training.mil import SliceBags, is_weak_positive, is_whole_tumour_free, mil_loss, with_tumour_free
 
 
 @dataclass
@@ -101,6 +102,7 @@ class TrainConfig:
     hard_negatives_from: str | None = None  # mine hard-negative crops with this checkpoint (native training)
     hard_negative_fraction: float = 0.2  # expected share of hard-negative crops per batch
     weak_positives: int = 0  # windows per batch chosen by MIL from tumour slices without a mask (native training)
+    top_negatives: int = 0  # windows per batch the model ranks highest on tumour-free whole slices (native training)
 
 
 class WeightedShardSampler(Sampler[int]):
@@ -246,7 +248,7 @@ def train_step(network: nn.Module, batch: dict[str, torch.Tensor], criterion: Mu
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: float,
                use_amp: bool, weak_windows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One optimiser step on a batch already on the device: forward (autocast when `use_amp`), the
-    multi-task loss, plus the MIL loss of ``weak_windows`` (`lungnlb.training.weak_positives`; in the
+    multi-task loss, plus the MIL loss of ``weak_windows`` (`lungnlb.training.mil`; in the
     same forward pass), scaled backward, gradient norm clipped to `grad_clip` (0: off); (loss, parts)."""
     images = batch["image"] if weak_windows is None else torch.cat([batch["image"], weak_windows])
     with torch.autocast(device_type=images.device.type, enabled=use_amp):
@@ -453,7 +455,7 @@ def fit(
         network = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     loader, sampler = _loader(config, data.train, weights, mapping, rank, world_size, step, device)
-    weak = _weak_positives(config, data, mapping)
+    positives, negatives = _mil_bags(config, data, mapping)
     batches = _infinite_batches(loader, sampler, epoch=step // max(1, len(loader)))
     windows = checkpoint_config(config, {}, {}, 0, mapping) if config.patch_size else None
     writer = _writer(out, config) if rank == 0 else None
@@ -467,8 +469,10 @@ def fit(
     while step < total:
         network.train()
         batch = {key: value.to(device) for key, value in next(batches).items()}
-        weak_windows = None if weak is None else weak.draw(
-            model, np.random.default_rng((config.seed, rank, step)), config.weak_positives, device)
+        rng = np.random.default_rng((config.seed, rank, step))
+        weak_windows = None if positives is None else positives.draw(model, rng, config.weak_positives, device)
+        if negatives is not None:
+            batch = with_tumour_free(batch, negatives.draw(model, rng, config.top_negatives, device))
         loss, parts = train_step(network, batch, criterion, optimizer, scaler, config.grad_clip, use_amp, weak_windows)
         scheduler.step()
         step += 1
@@ -525,15 +529,21 @@ def _loader(config: TrainConfig, samples: list[SliceSample], weights: np.ndarray
     return loader, sampler
 
 
-def _weak_positives(config: TrainConfig, data: TrainingSet, mapping: IntensityMapping) -> WeakPositives | None:
-    """The MIL windows' source when `config.weak_positives` asks for some; an error when it cannot give them."""
-    if not config.weak_positives:
-        return None
-    if config.weak_positives < 0 or not config.patch_size:
-        raise ValueError("--weak-positives is a count of windows per batch, for native-resolution training (--patch-size)")
-    if not data.weak:
+def _mil_bags(config: TrainConfig, data: TrainingSet, mapping: IntensityMapping
+              ) -> tuple[SliceBags | None, SliceBags | None]:
+    """The slices MIL draws its windows from (weak positives, tumour-free), each None when not asked for."""
+    if not (config.weak_positives or config.top_negatives):
+        return None, None
+    if min(config.weak_positives, config.top_negatives) < 0 or not config.patch_size:
+        raise ValueError("--weak-positives and --top-negatives are counts of windows per batch, for "
+                         "native-resolution training (--patch-size)")
+    if config.weak_positives and not data.weak:
         raise ValueError("--weak-positives: no tumour slice without a mask among the training slices")
-    return WeakPositives(data.weak, config.patch_size, mapping)
+    tumour_free = [sample for sample in data.train if is_whole_tumour_free(sample)]
+    if config.top_negatives and not tumour_free:
+        raise ValueError("--top-negatives: no tumour-free whole slice among the training slices")
+    return (SliceBags(data.weak, config.patch_size, mapping) if config.weak_positives else None,
+            SliceBags(tumour_free, config.patch_size, mapping) if config.top_negatives else None)
 
 
 def _short(metrics: dict[str, Any]) -> dict[str, str]:

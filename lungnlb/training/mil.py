@@ -1,25 +1,29 @@
-"""Weak positives: tumour slices known only by their class, trained by multiple-instance learning.
+"""Multiple-instance learning (MIL) on whole slices known by their class: the window a model ranks
+highest on a tumour slice without a mask is trained as tumour, on a tumour-free slice as background.
 
 The IQ-OTH/NCCD benign and malignant JPEGs say "neoplasm on this slice" and nothing about where (no
 mask, no box), so no patch of them has a pixel truth. A native-resolution model sees one window at
 a time and calls a slice tumour when some window marks a component; so such a slice is a bag of
-windows of which at least one holds the tumour (multiple-instance learning, MIL), as a tumour-free
-slice is a bag whose every window holds none (trained already, as tumour-free patches).
+windows of which at least one holds the tumour, and a tumour-free slice a bag whose every window
+holds none. Patches drawn at random from tumour-free slices rarely fall on the few windows a model
+ranks highest, where its false alarms are, so their top windows are trained too (online hard
+negatives).
 
-For each weak slice drawn, the model (without gradients) scores every window of a grid laid over
-the slice's lung field (the lungs closed as inference closes them; the body where no lungs are
-found), the grid shifted at random on every draw so a tumour one grid cuts lies whole in another:
+For each slice drawn, the model (without gradients) scores every window of a grid laid over the
+slice's lung field (the lungs closed as inference closes them; the body where no lungs are sought),
+the grid shifted at random on every draw so that what one grid cuts lies whole in another:
 
     s(w) = mean of the k highest seg logits of window w,   k = MIN_COMPONENT_PIXELS
 
 (a slice is called tumour when a component of at least k pixels passes the threshold). The window
 with the highest score, w*, trains with
 
-    L_weak = BCE-with-logits(s(w*), 1)
+    tumour slice (weak positive):  L_weak = BCE-with-logits(s(w*), 1)
+    tumour-free slice:             the batch's own loss, w* with an empty mask and a "no tumour" label
 
-the top-instance MIL of Campanella et al. (Nature Medicine 2019) with a top-k pooling: only the
-slice's verdict is supervised, no pixel beyond the k it already ranks highest. Windows are
-(count, 1, size, size) in the model's [0, 1] range, taken as they are (no augmentation).
+the top-instance MIL of Campanella et al. (Nature Medicine 2019) with a top-k pooling: of a tumour
+slice only the verdict is supervised, no pixel beyond the k the model already ranks highest.
+Windows are (count, 1, size, size) in the model's [0, 1] range, taken as they are (no augmentation).
 """
 
 from __future__ import annotations
@@ -37,7 +41,16 @@ from lungnlb.training.dataset import SliceSample
 
 def is_weak_positive(sample: SliceSample) -> bool:
     """A whole tumour slice with no mask: its class is its only truth."""
-    return sample.mask is None and sample.class_label == 1 and min(sample.image.shape) >= LUNG_FIELD_MIN_SIZE
+    return sample.mask is None and sample.class_label == 1 and _whole(sample)
+
+
+def is_whole_tumour_free(sample: SliceSample) -> bool:
+    """A whole slice with no tumour anywhere: every window of it is background."""
+    return sample.class_label == 0 and (sample.mask is None or not sample.mask.any()) and _whole(sample)
+
+
+def _whole(sample: SliceSample) -> bool:
+    return not sample.hard_negative and min(sample.image.shape) >= LUNG_FIELD_MIN_SIZE
 
 
 def top_k_logit(seg_logits: torch.Tensor, k: int = MIN_COMPONENT_PIXELS) -> torch.Tensor:
@@ -65,18 +78,31 @@ def grid_windows(field: np.ndarray, size: int, offset: tuple[int, int]) -> np.nd
     return corners[np.array(holds, dtype=bool)]
 
 
-class WeakPositives:
-    """The weak-positive slices of a run and the windows MIL trains on (see the module docstring).
+def with_tumour_free(batch: dict[str, torch.Tensor], windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``batch`` (`lungnlb.training.dataset.SliceDataset` items, collated) with ``windows`` of
+    tumour-free slices appended as samples: an empty mask and a "no tumour" label, both known."""
+    count, known = len(windows), torch.ones(len(windows), dtype=torch.bool, device=windows.device)
+    return {"image": torch.cat([batch["image"], windows]),
+            "mask": torch.cat([batch["mask"], torch.zeros_like(windows)]),
+            "has_mask": torch.cat([batch["has_mask"], known]),
+            "label": torch.cat([batch["label"], torch.zeros(count, 1, device=windows.device)]),
+            "has_label": torch.cat([batch["has_label"], known])}
+
+
+class SliceBags:
+    """Whole slices of one class and the window of each that MIL trains on (see the module docstring).
 
     Args:
-        samples: whole tumour slices without a mask (`is_weak_positive`), images in [0, 1].
+        samples: weak positives (`is_weak_positive`) or whole tumour-free slices
+            (`is_whole_tumour_free`), images in [0, 1].
         size: the training patch size.
         mapping: the run's intensity mapping (the lung field's grey levels, the value of air).
     """
 
     def __init__(self, samples: list[SliceSample], size: int, mapping: IntensityMapping) -> None:
-        if not samples or not all(map(is_weak_positive, samples)):
-            raise ValueError("weak positives are whole tumour slices without a mask; none given, or another kind")
+        if not samples or not all(is_weak_positive(s) or is_whole_tumour_free(s) for s in samples):
+            raise ValueError("MIL bags are whole tumour slices without a mask or whole tumour-free slices; "
+                             "none given, or another kind")
         self.samples, self.size = samples, size
         self.fields = [self._field(sample.image, mapping) for sample in samples]
 
