@@ -16,7 +16,7 @@ from lungnlb.networks import build_model
 from lungnlb.training.augment import patch_transforms
 from lungnlb.training.dataset import SliceDataset, SliceSample
 from lungnlb.training.trainer import TrainConfig, train
-from lungnlb.training.validation import validation_score
+from lungnlb.training.validation import validation_score, validation_subset
 
 PATCH = 32
 
@@ -35,6 +35,28 @@ def test_a_dice_zero_model_is_never_the_best():
     assert validation_score({"dice": 0.5, "f1": 1.0}) == pytest.approx(2 / 3)
     assert validation_score({"f1": 0.8}) == pytest.approx(0.8)
     assert validation_score({}) == float("-inf")
+
+
+def test_a_model_that_calls_tumour_free_slices_tumour_loses_however_high_its_recall():
+    calls_all_tumour = {"dice": 0.8, "f1": 0.97, "specificity": 0.0}
+    careful = {"dice": 0.78, "f1": 0.95, "specificity": 0.9}
+    assert validation_score(calls_all_tumour) == 0.0
+    assert validation_score(careful) == pytest.approx(3 / (1 / 0.78 + 1 / 0.95 + 1 / 0.9))
+
+
+def test_the_validation_draw_keeps_every_whole_tumour_free_slice_and_the_mix_of_the_rest():
+    whole, crop = np.zeros((192, 192), np.float32), np.zeros((32, 32), np.float32)
+    nodule = np.zeros((32, 32), bool)
+    nodule[10:14, 10:14] = True
+    free = [SliceSample(f"f{i}", f"p{i}", "s", 0, whole, None, 0) for i in range(6)]
+    weak = [SliceSample(f"w{i}", f"q{i}", "s", 0, whole, None, 1) for i in range(20)]
+    crops = [SliceSample(f"c{i}", f"r{i}", "s", 0, crop, nodule, 1) for i in range(60)]
+    drawn = validation_subset(crops[:30] + free + weak + crops[30:], limit=26, seed=0)
+    names = [sample.image_id for sample in drawn]
+    assert len(drawn) == 26 and all(f"f{i}" in names for i in range(6))
+    assert sum(name.startswith("w") for name in names) == 5 and sum(name.startswith("c") for name in names) == 15
+    again = validation_subset(crops[:30] + free + weak + crops[30:], limit=26, seed=0)
+    assert names == [sample.image_id for sample in again]
 
 
 def test_patch_dataset_pads_draws_and_labels_patches():

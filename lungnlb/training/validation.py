@@ -5,9 +5,9 @@ A whole-slice model predicts already-resized samples in batches and its classifi
 fitted (the F1-best threshold, stored as a logit offset); a native-resolution model predicts each
 slice through the deployed sliding-window `Predictor` and calls a slice tumour when its mask is
 non-empty, so validation measures exactly what inference will do; its mask threshold is fitted
-too: of `SEG_THRESHOLDS`, the one with the best `validation_score` (Dice and slice F1, tumour-free
-slices included, so a threshold that buys Dice with false alarms loses), stored as the
-checkpoint's ``threshold``.
+too: of `SEG_THRESHOLDS`, the one with the best `validation_score` (Dice, slice F1 and the
+specificity on the tumour-free slices, so a threshold that buys Dice or recall with false alarms
+loses), stored as the checkpoint's ``threshold``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from lungnlb.evaluation.metrics import (
     summarize_segmentation,
 )
 from lungnlb.training.dataset import SliceSample
+from lungnlb.training.mil import is_whole_tumour_free
 
 
 @torch.no_grad()
@@ -111,20 +112,24 @@ def sample_metrics(samples: list[SliceSample], probabilities: list[np.ndarray] |
 
 
 def validation_subset(samples: list[SliceSample], limit: int | None, seed: int) -> list[SliceSample]:
-    """At most `limit` samples, drawn per kind (with a mask / tumour-free / class only) in proportion
-    to the kind's share, seeded, in their original order: validation by sliding window costs a
-    second a whole slice on a CPU, so a long list is sampled rather than cut."""
+    """At most `limit` samples (seeded, in their original order): every whole tumour-free slice, the
+    rest drawn per kind (with a mask / class only, by class) in proportion to the kind's share.
+    Validation by sliding window costs a second a whole slice on a CPU, so a long list is sampled
+    rather than cut; the tumour-free slices are few, and each false alarm among them is what the
+    specificity term of `validation_score` counts, so none is left out."""
     if limit is None or len(samples) <= limit:
         return samples
     if limit < 1:
         raise ValueError(f"val_slices must be at least 1, got {limit}")
+    keep = [i for i, sample in enumerate(samples) if is_whole_tumour_free(sample)][:limit]
+    kept = set(keep)
+    rest = [i for i in range(len(samples)) if i not in kept]
     kinds: dict[tuple[bool, Any], list[int]] = {}
-    for index, sample in enumerate(samples):
-        kinds.setdefault((sample.mask is not None, sample.class_label), []).append(index)
-    rng = np.random.default_rng(seed)
-    keep: list[int] = []
+    for index in rest:
+        kinds.setdefault((samples[index].mask is not None, samples[index].class_label), []).append(index)
+    rng, budget = np.random.default_rng(seed), limit - len(keep)
     for indices in kinds.values():
-        share = max(1, round(limit * len(indices) / len(samples)))
+        share = max(1, round(budget * len(indices) / len(rest))) if budget > 0 else 0
         keep += rng.choice(indices, size=min(share, len(indices)), replace=False).tolist()
     return [samples[i] for i in sorted(keep)]
 
@@ -137,9 +142,11 @@ def logit_offset(threshold: float, limit: float = 8.0) -> float:
 
 
 def validation_score(metrics: dict[str, Any]) -> float:
-    """Harmonic mean of the validation Dice and F1 (those measured): a model with Dice 0 scores 0
-    however well it classifies, so it can never be kept as the best checkpoint."""
-    values = [metrics[key] for key in ("dice", "f1") if metrics.get(key) is not None]
+    """Harmonic mean of the validation Dice, slice F1 and specificity (those measured): a model with
+    Dice 0 scores 0 however well it classifies, so it can never be kept as the best checkpoint, and
+    one that calls the tumour-free slices tumour loses however high its recall (F1 over mostly tumour
+    slices barely sees false alarms)."""
+    values = [metrics[key] for key in ("dice", "f1", "specificity") if metrics.get(key) is not None]
     if not values:
         return float("-inf")
     return 0.0 if min(values) <= 0 else float(len(values) / sum(1.0 / v for v in values))
