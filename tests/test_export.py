@@ -76,19 +76,21 @@ def test_the_bundle_of_the_shipped_weights_keeps_only_lung_components_as_predict
     mask, lung field included: no component that misses the lungs."""
     from lungnlb.checkpoint import default_checkpoint_path
 
-    image = read_image("sample_data/studies/Lung_Dx-A0001_2.000000-5mm-40805.nii.gz")
-    hu = image.array[2]
-    image_path = write_nifti(hu, axial_affine((0.7, 0.7)), tmp_path / "slice.nii.gz")
+    volume = read_image("sample_data/studies/Lung_Dx-A0001_2.000000-5mm-40805.nii.gz").array
     bundle = export_bundle(default_checkpoint_path(), tmp_path / "bundle")
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
-               "--bundle_root", str(bundle), "--input_file", str(image_path), "--output_dir", str(out)]
-    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    mask = read_image(next(out.glob("*.nii.gz"))).array > 0.5
     predictor = Predictor.from_checkpoint()
-    expected = predictor.predict(hu, "hu").probability > predictor.threshold
     every_window = Predictor(predictor.model, {**predictor.config, "lung_filter": False})
-    unfiltered = every_window.predict(hu, "hu").probability > predictor.threshold
-    assert unfiltered.sum() > expected.sum() > 0  # the field removes something here and keeps something
-    assert np.logical_xor(mask, expected).sum() <= 0.02 * max(1, expected.sum())
+    kept, removed = 0, 0
+    for z in (1, 2):  # the shipped weights mark a nodule-like spot in the lungs on one, outside them on the other
+        image_path = write_nifti(volume[z], axial_affine((0.7, 0.7)), tmp_path / f"slice{z}.nii.gz")
+        out = tmp_path / f"out{z}"
+        command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+                   "--bundle_root", str(bundle), "--input_file", str(image_path), "--output_dir", str(out)]
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        mask = read_image(next(out.glob("*.nii.gz"))).array > 0.5
+        expected = predictor.predict(volume[z], "hu").probability > predictor.threshold
+        unfiltered = every_window.predict(volume[z], "hu").probability > predictor.threshold
+        assert np.logical_xor(mask, expected).sum() <= 0.02 * max(1, expected.sum())
+        kept, removed = kept + int(expected.sum()), removed + int(unfiltered.sum() - expected.sum())
+    assert kept > 0 and removed > 0  # the field keeps something and removes something here
