@@ -13,13 +13,11 @@ from train_helpers import DATA, TINY_KWARGS, synthetic_studies, write_study
 
 from lungnlb.io import read_image
 from lungnlb.io.intensity import IntensityMapping, to_model_input
-from lungnlb.training.dataset import SliceSample
+from lungnlb.training.dataset import SliceSample, is_weak_positive, is_whole_tumour_free
 from lungnlb.training.trainer import TrainConfig, train
 from lungnlb.training.mil import (
     SliceBags,
     grid_windows,
-    is_weak_positive,
-    is_whole_tumour_free,
     mil_loss,
     top_k_logit,
     with_tumour_free,

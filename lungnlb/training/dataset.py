@@ -33,7 +33,7 @@ from monai.data import get_track_meta, set_track_meta
 from torch.utils.data import Dataset
 
 from lungnlb.data.studies import image_path, label_path, read_records, slice_plan
-from lungnlb.inference import resize_batch
+from lungnlb.inference import LUNG_FIELD_MIN_SIZE, resize_batch
 
 if TYPE_CHECKING:
     from lungnlb.io.intensity import IntensityMapping
@@ -52,6 +52,20 @@ class SliceSample:
     class_label: int | None
     weight: float = 1.0  # relative chance of being drawn for a batch (the app draws original labels less often)
     hard_negative: bool = False  # a crop around a trained model's false alarm (`lungnlb.training.hard_negatives`)
+
+
+def is_weak_positive(sample: SliceSample) -> bool:
+    """A whole tumour slice with no mask: its class is its only truth."""
+    return sample.mask is None and sample.class_label == 1 and _whole(sample)
+
+
+def is_whole_tumour_free(sample: SliceSample) -> bool:
+    """A whole slice with no tumour anywhere: every window of it is background."""
+    return sample.class_label == 0 and (sample.mask is None or not sample.mask.any()) and _whole(sample)
+
+
+def _whole(sample: SliceSample) -> bool:
+    return not sample.hard_negative and min(sample.image.shape) >= LUNG_FIELD_MIN_SIZE
 
 
 def _resize(array: np.ndarray, size: tuple[int, int], is_mask: bool = False) -> np.ndarray:

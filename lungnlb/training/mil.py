@@ -33,24 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lungnlb.inference import BODY_MARGIN, LUNG_FIELD_MIN_SIZE, MIN_COMPONENT_PIXELS, slice_lung_field
+from lungnlb.inference import BODY_MARGIN, MIN_COMPONENT_PIXELS, slice_lung_field
 from lungnlb.io.intensity import IntensityMapping
 from lungnlb.labels.lung_region import bounding_box
-from lungnlb.training.dataset import SliceSample
-
-
-def is_weak_positive(sample: SliceSample) -> bool:
-    """A whole tumour slice with no mask: its class is its only truth."""
-    return sample.mask is None and sample.class_label == 1 and _whole(sample)
-
-
-def is_whole_tumour_free(sample: SliceSample) -> bool:
-    """A whole slice with no tumour anywhere: every window of it is background."""
-    return sample.class_label == 0 and (sample.mask is None or not sample.mask.any()) and _whole(sample)
-
-
-def _whole(sample: SliceSample) -> bool:
-    return not sample.hard_negative and min(sample.image.shape) >= LUNG_FIELD_MIN_SIZE
+from lungnlb.training.dataset import SliceSample, is_weak_positive, is_whole_tumour_free
 
 
 def top_k_logit(seg_logits: torch.Tensor, k: int = MIN_COMPONENT_PIXELS) -> torch.Tensor:

@@ -49,6 +49,8 @@ from lungnlb.training.augment import patch_transforms, train_transforms
 from lungnlb.training.dataset import (
     SliceDataset,
     SliceSample,
+    is_weak_positive,
+    is_whole_tumour_free,
     load_slices,
     read_records,
 )
@@ -59,7 +61,7 @@ from lungnlb.training.validation import (
     validation_score,
     validation_subset,
 )
-from lungnlb.training.mil import SliceBags, is_weak_positive, is_whole_tumour_free, mil_loss, with_tumour_free
+from lungnlb.training.mil import SliceBags, mil_loss, with_tumour_free
 
 
 @dataclass

@@ -26,8 +26,7 @@ from lungnlb.evaluation.metrics import (
     per_slice_segmentation,
     summarize_segmentation,
 )
-from lungnlb.training.dataset import SliceSample
-from lungnlb.training.mil import is_whole_tumour_free
+from lungnlb.training.dataset import SliceSample, is_whole_tumour_free
 
 
 @torch.no_grad()
