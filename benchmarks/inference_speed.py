@@ -6,10 +6,12 @@ Times `Predictor.predict` (intensity mapping, the checkpoint's inference form, p
 one real 512 x 512 slice and on a real whole CT series (the first DICOM series found under
 ../shared/data/lung-pet-ct-dx), for the shipped checkpoint and for the same checkpoint with its
 network replaced by the plain U-Net (random weights: the cost of a forward pass does not depend on
-them); the two take turns within each round. The series is also timed for the shipped checkpoint
-with its slices unshared (one after another on torch's threads, as while another volume shares
-its slices), so the gain of sharing them among threads is measured in the same rounds. Prints the
-medians, the ratios and the time a 300-slice volume takes at the measured per-slice rate; writes
+them), and for the shipped checkpoint computing in float32 (the default computes in bfloat16 on a
+CPU that has it in hardware: `lungnlb.networks.inference_form`); they take turns within each round.
+The series is also timed for the shipped checkpoint with its slices unshared (one after another on
+torch's threads, as while another volume shares its slices), so the gain of sharing them among
+threads is measured in the same rounds. Prints the medians, the ratios and the time a 300-slice
+volume takes at the measured per-slice rate; writes
 benchmarks/results/inference_speed.json (with date and commit).
 Targets: a slice <= 0.5 s, a 300-slice volume <= 60 s, NLB <= 1.10x the plain U-Net.
 """
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     volume = read_dicom_series(list_dicom_series(args.data)[0])
     middle = volume.array[len(volume.array) // 2]
     shipped = Predictor.from_checkpoint()
-    predictors = {"shipped": shipped, "plain unet": plain_twin(shipped)}
+    predictors = {"shipped": shipped, "plain unet": plain_twin(shipped),
+                  "shipped float32": Predictor.from_checkpoint(precision="float32")}
     for predictor in predictors.values():
         predictor.predict(middle, "hu")  # warm-up: first-call allocations
     slice_s = interleaved_medians({name: (lambda p=p: p.predict(middle, "hu")) for name, p in predictors.items()},
@@ -86,15 +89,19 @@ def main(argv: list[str] | None = None) -> int:
                    f"volume_{VOLUME_SLICES}_s_at_this_rate": volume_s[name] / len(volume.array) * VOLUME_SLICES}
             for name in predictors}
     ratio = {key: rows["shipped"][key] / rows["plain unet"][key] for key in ("slice_s", "volume_s")}
+    precision_gain = {key: rows["shipped float32"][key] / rows["shipped"][key] for key in ("slice_s", "volume_s")}
     sharing = volume_s["shipped unshared"] / volume_s["shipped"]
     report = {"model": shipped.config["model"], "native": shipped.native, "threads": torch.get_num_threads(),
-              "rows": rows, "nlb_over_plain": ratio, "volume_s_unshared": volume_s["shipped unshared"],
+              "precision": str(shipped.precision), "rows": rows, "nlb_over_plain": ratio,
+              "float32_over_default_precision": precision_gain, "volume_s_unshared": volume_s["shipped unshared"],
               "unshared_over_shared": sharing, **run_stamp()}
     atomic_write_text(args.out, json.dumps(report, indent=2))
     for name, row in rows.items():
-        print(f"{name:<11} slice {row['slice_s']:.3f} s   {row['volume_slices']}-slice volume {row['volume_s']:.1f} s   "
+        print(f"{name:<15} slice {row['slice_s']:.3f} s   {row['volume_slices']}-slice volume {row['volume_s']:.1f} s   "
               f"{VOLUME_SLICES} slices at this rate {row[f'volume_{VOLUME_SLICES}_s_at_this_rate']:.1f} s")
     print(f"NLB / plain: slice {ratio['slice_s']:.3f}x, volume {ratio['volume_s']:.3f}x")
+    print(f"shipped in {shipped.precision}: {precision_gain['slice_s']:.2f}x faster than float32 on a slice, "
+          f"{precision_gain['volume_s']:.2f}x on the volume")
     print(f"shipped volume with its slices unshared {volume_s['shipped unshared']:.1f} s: sharing them is {sharing:.2f}x faster")
     return 0
 

@@ -90,18 +90,22 @@ class Predictor:
         config: its checkpoint config (needs `input_size`; `intensity`, the recorded `IntensityMapping`, optional).
         device: torch device for the forward pass.
         batch_size: slices per forward pass.
+        precision: "auto" (bfloat16 on a CPU that has it in hardware, else float32), "float32" or
+            "bfloat16" (`lungnlb.networks.inference_form.inference_precision`).
     """
 
     def __init__(
-        self, model: nn.Module, config: dict[str, Any], device: str | torch.device = "cpu", batch_size: int = 8
+        self, model: nn.Module, config: dict[str, Any], device: str | torch.device = "cpu", batch_size: int = 8,
+        precision: str = "auto",
     ) -> None:
         if "input_size" not in config and "patch_size" not in config:
             raise ValueError("checkpoint config has neither 'input_size' nor 'patch_size'; cannot prepare slices for the model")
-        from lungnlb.networks.inference_form import inference_form
+        from lungnlb.networks.inference_form import inference_form, inference_precision
 
         self.model = inference_form(model).to(device)  # a copy: a model being trained stays as it is
         self.config = config
         self.device = torch.device(device)
+        self.precision = inference_precision(self.device, precision)
         self.batch_size = batch_size
         self.input_size = tuple(int(v) for v in config.get("input_size") or config["patch_size"])
         self.patch_size = tuple(int(v) for v in config["patch_size"]) if "patch_size" in config else None
@@ -111,7 +115,8 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu", batch_size: int = 8
+        cls, path: str | os.PathLike | None = None, device: str | torch.device = "cpu", batch_size: int = 8,
+        precision: str = "auto",
     ) -> Predictor:
         """Load a checkpoint (the shipped default weights when `path` is None)."""
         from lungnlb.checkpoint import default_checkpoint_path, load_model
@@ -121,7 +126,7 @@ class Predictor:
             if path is None:
                 raise FileNotFoundError("no checkpoint given and no default weights shipped in lungnlb/weights/")
         model, config = load_model(path, device=device)
-        return cls(model, config, device=device, batch_size=batch_size)
+        return cls(model, config, device=device, batch_size=batch_size, precision=precision)
 
     @property
     def cls_logit_offset(self) -> float:
@@ -176,13 +181,13 @@ class Predictor:
         for start in range(0, depth, self.batch_size):
             stop = min(start + self.batch_size, depth)
             batch = torch.from_numpy(np.ascontiguousarray(volume[start:stop], dtype=np.float32))
-            output = self.model(resize_batch(batch[:, None].to(self.device), self.input_size))
-            cls_probability = torch.sigmoid(output["cls"].float() - self.cls_logit_offset)
+            output = self.forward(resize_batch(batch[:, None].to(self.device), self.input_size))
+            cls_probability = torch.sigmoid(output["cls"] - self.cls_logit_offset)
             slice_probability[start:stop] = cls_probability.reshape(-1).cpu().numpy()
             if "seg" in output:
                 if probability is None:
                     probability = np.empty((depth, *size), dtype=np.float32)
-                probability[start:stop] = torch.sigmoid(resize_batch(output["seg"].float(), size))[:, 0].cpu().numpy()
+                probability[start:stop] = torch.sigmoid(resize_batch(output["seg"], size))[:, 0].cpu().numpy()
         return probability, slice_probability
 
     def window_probability(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -245,12 +250,20 @@ class Predictor:
         only windows that hold some of it run the model, the rest read as certain background. A
         pixel of the field is covered only by windows that hold it, so its blend is unchanged."""
         if condition is None:
-            return self.model(windows)["seg"]
+            return self.forward(windows)["seg"]
         wanted = (condition > 0.5).flatten(1).any(dim=1)
         logits = torch.full((windows.shape[0], 1, *windows.shape[2:]), SKIPPED_WINDOW_LOGIT, device=windows.device)
         if wanted.any():
-            logits[wanted] = self.model(windows[wanted])["seg"].float()
+            logits[wanted] = self.forward(windows[wanted])["seg"]
         return logits
+
+    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's float32 logits of a (B, 1, H, W) batch, computed in ``self.precision``."""
+        from lungnlb.networks.inference_form import autocast_to
+
+        with autocast_to(self.device, self.precision):
+            output = self.model(batch)
+        return {name: logits.float() for name, logits in output.items()}
 
     def lung_field(self, plane: np.ndarray) -> np.ndarray | None:
         """Where a lung tumour can be on this slice under this checkpoint, or None (see `slice_lung_field`)."""

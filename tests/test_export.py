@@ -63,7 +63,8 @@ def test_monai_bundle_runs_on_a_nifti_slice(tmp_path, config):
     assert len(written) == 1
     mask = read_image(written[0]).array
     assert mask.shape == hu.shape
-    expected = Predictor.from_checkpoint(weights).predict(hu, "hu").probability > 0.5
+    # the bundle computes in float32; Predictor would compute in bfloat16 on a CPU that has it
+    expected = Predictor.from_checkpoint(weights, precision="float32").predict(hu, "hu").probability > 0.5
     assert 0.01 < expected.mean() < 0.99, "the untrained model should mark some pixels and not others"
     assert np.mean((mask > 0.5) == expected) > 0.99
     inference = json.loads((bundle / "configs" / "inference.json").read_text())
@@ -78,8 +79,8 @@ def test_the_bundle_of_the_shipped_weights_keeps_only_lung_components_as_predict
 
     volume = read_image("sample_data/studies/Lung_Dx-A0001_2.000000-5mm-40805.nii.gz").array
     bundle = export_bundle(default_checkpoint_path(), tmp_path / "bundle")
-    predictor = Predictor.from_checkpoint()
-    every_window = Predictor(predictor.model, {**predictor.config, "lung_filter": False})
+    predictor = Predictor.from_checkpoint(precision="float32")  # as the bundle computes
+    every_window = Predictor(predictor.model, {**predictor.config, "lung_filter": False}, precision="float32")
     kept, removed = 0, 0
     for z in (1, 2):  # the shipped weights mark a nodule-like spot in the lungs on one, outside them on the other
         image_path = write_nifti(volume[z], axial_affine((0.7, 0.7)), tmp_path / f"slice{z}.nii.gz")
