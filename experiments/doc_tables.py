@@ -263,7 +263,7 @@ def mediastinal_window() -> str:
     lines = [_source(path), "",
              f"| | tumour pixels above {top} HU | tumour vs soft tissue next to it (median, input units): lung / "
              f"mediastinal window | pairs both above {top} HU |", "|---|---|---|---|",
-             f"| LIDC VOIs, majority masks ({vois['nodules']} nodules; {vois['contrast']['n']} with soft tissue within "
+             f"| LIDC VOIs, publisher's masks ({vois['nodules']} nodules; {vois['contrast']['n']} with soft tissue within "
              f"2 voxels) | {100 * vois['share_above_top']:.1f} % ({vois['nodules_with_over_5pc_saturated']} nodules over "
              f"5 %: calcification) | {contrast(vois['contrast'])} | {merged(vois['contrast'])} |",
              f"| Lung-PET-CT-Dx boxes, pixels > −300 HU ({boxes['contrast']['n']} boxes, ring of 10 px) "

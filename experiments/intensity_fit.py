@@ -14,7 +14,7 @@ Writes ``experiments/results/intensity_fit.json`` (with "date" and "commit") and
    with two landmarks, constants pooled over all matched slices and, as a check that they are not
    tuned to a patient, over the other patients only (leave one patient out).
 3. **Mediastinal window.** Share of tumour voxels above the lung window's top (+150 HU, saturated)
-   in the VOIs (majority masks) and in the Lung-PET-CT-Dx tumour boxes (pixels > -300 HU), and the
+   in the VOIs (the publisher's masks) and in the Lung-PET-CT-Dx tumour boxes (pixels > -300 HU), and the
    tumour-vs-adjacent-soft-tissue contrast in model-input units under the lung window
    (-600, 1500) and a mediastinal window (40, 400).
 

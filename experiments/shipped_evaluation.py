@@ -5,7 +5,7 @@ the evaluation section of docs/results.md from the result files (through `experi
 
 Four evaluations (`lungnlb.evaluation.evaluate`, one report each in experiments/results/):
 - crops: the LIDC nodule crops, reference = at least 2 of 4 readers, patients the weights never saw;
-- vois: the LIDC nodule volumes (HU, majority masks), patients the weights never saw;
+- vois: the LIDC nodule volumes (HU, the publisher's masks: the readers' union), patients the weights never saw;
 - whole_unseen: the whole-slice sources (LIDC npz / DICOM, Lung-PET-CT-Dx, IQ-OTH/NCCD) less the
   patients the weights trained on — what is left are their validation patients, which picked the
   checkpoint and calibrated its threshold, and are flagged as such;

@@ -252,7 +252,7 @@ def _ratings(path: Path, mtime_ns: int) -> dict:
 
 
 def _from_vois(item: Item) -> Iterator[Prepared]:
-    """One image per nodule at native spacing with the publisher's majority mask and its csv ratings."""
+    """One image per nodule at native spacing with the publisher's mask and its csv ratings."""
     csv_path = item.extra["ratings"]
     ratings = _ratings(csv_path, csv_path.stat().st_mtime_ns) if csv_path else None
     for voi in read_voi_file(item.path, ratings):

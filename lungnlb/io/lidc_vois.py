@@ -2,8 +2,9 @@
 patient id, and a ``nodules.csv`` of ratings in the same folder.
 
 Per nodule ``n`` the file holds ``img_R<n>`` int16 (z, y, x) HU in a tight box around the nodule,
-``mask_R<n>`` uint8 (z, y, x) (the readers' majority vote), ``spacing_R<n>`` (z, y, x) mm and
-``affine_R<n>`` 4x4. The affine already follows `lungnlb.io.image`'s convention, (column, row,
+``mask_R<n>`` uint8 (z, y, x) (published as the readers' majority vote; on the slices also in the
+crops it is the union of the readers' outlines, `experiments.voi_mask_agreement`), ``spacing_R<n>``
+(z, y, x) mm and ``affine_R<n>`` 4x4. The affine already follows `lungnlb.io.image`'s convention, (column, row,
 slice) -> RAS mm: on LIDC-IDRI-0001, the only patient here with both a VOI and its DICOM series,
 every sampled VOI voxel equals the DICOM HU at the position the two affines map it to (the LPS
 reading of the same matrix differs by ~600 HU on average); tests/test_lidc_nodules.py keeps checking
@@ -32,7 +33,7 @@ SPACING_TOLERANCE = 1e-4
 
 @dataclass
 class NoduleVoi:
-    """One nodule: the HU box with its geometry, the majority mask and the csv ratings (or None)."""
+    """One nodule: the HU box with its geometry, the publisher's mask and the csv ratings (or None)."""
 
     patient: str
     nodule: int
