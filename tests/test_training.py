@@ -161,6 +161,19 @@ def test_train_writes_checkpoints_split_and_resumes(tmp_path):
     assert result.probability.shape == (3, 40, 50) and result.slice_probability.shape == (3,)
 
 
+def test_keep_validated_keeps_every_validated_checkpoint(tmp_path):
+    studies = synthetic_studies(tmp_path)
+    train(tiny_config(studies, tmp_path / "plain", steps=4))
+    assert not list((tmp_path / "plain").glob("step_*"))  # off by default: only best and last
+    result = train(tiny_config(studies, tmp_path / "run", steps=4, keep_validated=True))
+    kept = {path.name for path in (tmp_path / "run").glob("step_*")}
+    assert kept == {"step_2.pt", "step_2.json", "step_4.pt", "step_4.json"}
+    assert [read_config(tmp_path / "run" / f"step_{n}.pt")["step"] for n in (2, 4)] == [2, 4]
+    early = torch.load(tmp_path / "run" / "step_2.pt", weights_only=True)
+    last = torch.load(result["last"], weights_only=True)
+    assert any(not torch.equal(early[key], last[key]) for key in last)  # step 2's weights, not overwritten
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

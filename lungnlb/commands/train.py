@@ -46,6 +46,8 @@ HELP = {
     "amp": "mixed precision on GPU",
     "device": "torch device (default: cuda if available, else cpu)",
     "resume": "continue from RUN_DIR/last.pt and its optimiser state",
+    "keep_validated": "also keep the checkpoint of every validation as RUN_DIR/step_N.pt (+ .json), so a rule "
+                      "written before the run can choose among them afterwards",
     "init": "start from this checkpoint's weights (the same --model and --model-kwargs)",
     "hard_negatives_from": "native-resolution training: add crops around this checkpoint's false alarms on the "
                            "training whole slices as hard negatives",

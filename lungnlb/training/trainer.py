@@ -14,7 +14,8 @@ subtracts it from the cls logit, so that the operating point chosen on validatio
 probability 0.5 everywhere; for a native-resolution model it fits the mask threshold instead
 (`lungnlb.training.validation.window_metrics`), stored as the config's ``threshold``. `best` keeps
 the highest validation score (harmonic mean of Dice over tumour slices and F1, so a Dice-0 model is
-never kept), `last` the latest weights plus the optimiser state for `--resume`. Learning rate: linear warm-up over 5% of the steps, then cosine to 0.
+never kept), `last` the latest weights plus the optimiser state for `--resume`; with ``keep_validated``
+every validated checkpoint stays as `step_<N>` too. Learning rate: linear warm-up over 5% of the steps, then cosine to 0.
 
 A run may start from a checkpoint's weights (`init`) and add hard-negative crops around another
 checkpoint's false alarms on the training slices (`hard_negatives_from`, drawn with probability
@@ -87,6 +88,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     val_every: int = 200
+    keep_validated: bool = False  # also keep every validated checkpoint as step_<N>, for a selection made afterwards
     val_slices: int | None = None  # validate on at most this many slices (a seeded draw keeping the mix)
     time_budget_s: float | None = None  # wall-clock budget of the training steps: fewer steps when they would not fit
     split: str | None = None
@@ -500,6 +502,8 @@ def fit(
                     best_score, best_metrics = score, metrics
                     save("best", metrics)
                 save("last", metrics)
+                if config.keep_validated:
+                    save(f"step_{step}", metrics)
                 save_training_state(out / "last", {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "best_score": best_score,
