@@ -27,6 +27,8 @@ import datetime
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,24 +82,45 @@ def locate(crops: np.ndarray, template: np.ndarray) -> tuple[float, int, int, in
     return float(r[n, y, x]), int(n), int(y + y0), int(x + x0)
 
 
+@dataclass
+class VoiInCrop:
+    """The middle slice (largest mask) of one VOI nodule, found at (row, column) of one of the patient's crops."""
+
+    patient: str
+    template: np.ndarray  # (h, w) float32 HU
+    mask: np.ndarray  # (h, w) the VOI's mask on that slice
+    crop_image: np.ndarray  # (72, 72) uint8
+    crop_readers: np.ndarray  # (readers, 72, 72) bool, that crop's outlines
+    row: int
+    column: int
+
+
+def vois_in_crops(data: Path = DATA / "lidc-nodules", limit: int | None = None) -> Iterator[VoiInCrop]:
+    """Every VOI nodule whose middle slice is found in one of the patient's crops (r >= ``MIN_R``)."""
+    vois = sorted(p for p in (data / "vois").glob("*.npz") if (data / "crops" / p.name).exists())
+    for path in vois[:limit]:
+        with np.load(data / "crops" / path.name) as crop_file:
+            crops, readers = crop_file["image"], crop_file["masks"]
+        with np.load(path) as arrays:
+            nodules = [(arrays[key], arrays["mask_" + key[4:]]) for key in arrays.files if key.startswith("img_")]
+        for volume, mask in nodules:
+            middle = int(np.argmax(mask.sum(axis=(1, 2))))
+            template = volume[middle].astype(np.float32)
+            r, n, y, x = locate(crops, template)
+            if r >= MIN_R:
+                yield VoiInCrop(path.stem, template, mask[middle], crops[n], readers[n].astype(bool), y, x)
+
+
 def matched_crops(data: Path = DATA / "lidc-nodules", limit: int | None = None) -> list[dict]:
     """One entry per VOI nodule found in a crop: patient, crop image (72, 72) and its exact (a, b)."""
     found = []
-    vois = sorted(p for p in (data / "vois").glob("*.npz") if (data / "crops" / p.name).exists())
-    for path in vois[:limit]:
-        crops = np.load(data / "crops" / path.name)["image"]
-        arrays = np.load(path)
-        for key in (k for k in arrays.files if k.startswith("img_")):
-            volume, mask = arrays[key], arrays["mask_" + key[4:]]
-            template = volume[int(np.argmax(mask.sum(axis=(1, 2))))].astype(np.float32)
-            r, n, y, x = locate(crops, template)
-            if r < MIN_R:
-                continue
-            v = crops[n, y : y + template.shape[0], x : x + template.shape[1]].astype(np.float64).ravel()
-            a, b = np.polyfit(v, template.ravel(), 1)
-            residual = template.ravel() - (a * v + b)
-            found.append({"patient": path.stem, "image": crops[n], "a": a, "b": b, "residual_sd": residual.std(),
-                          "edge_residual": np.abs(residual[(v == 0) | (v == 255)]).max(initial=0.0)})
+    for match in vois_in_crops(data, limit):
+        template, y, x = match.template, match.row, match.column
+        v = match.crop_image[y : y + template.shape[0], x : x + template.shape[1]].astype(np.float64).ravel()
+        a, b = np.polyfit(v, template.ravel(), 1)
+        residual = template.ravel() - (a * v + b)
+        found.append({"patient": match.patient, "image": match.crop_image, "a": a, "b": b,
+                      "residual_sd": residual.std(), "edge_residual": np.abs(residual[(v == 0) | (v == 255)]).max(initial=0.0)})
     return found
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lungnlb.data.studies import image_path, read_records, read_study_image
+from lungnlb.evaluation.metrics import classification_metrics
 from lungnlb.inference import Predictor
 from lungnlb.io.atomic import atomic_write_text
 from lungnlb.stamp import run_stamp
@@ -32,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 
 
-def slice_outputs(predictor: Predictor, studies: Path, records: list[dict]) -> list[tuple[int, list, np.ndarray]]:
-    """(class label, [mask per threshold], ...) of each JPEG slice: one sliding window, every threshold."""
+def slice_outputs(predictor: Predictor, studies: Path, records: list[dict]) -> list[tuple[int, list[np.ndarray]]]:
+    """(class label, [mask at each of `THRESHOLDS`]) of each JPEG slice: one sliding window, every threshold."""
     outputs = []
     for record in records:
         image = read_study_image(image_path(studies, record["image_id"]))
@@ -44,17 +45,15 @@ def slice_outputs(predictor: Predictor, studies: Path, records: list[dict]) -> l
     return outputs
 
 
-def operating_point(outputs: list, index: int) -> dict:
-    called = [(label, bool(masks[index].any()), int(masks[index].sum())) for label, masks in outputs]
-    tumour = [c for label, c, _ in called if label == 1]
-    normal = [c for label, c, _ in called if label == 0]
-    tp, fp = sum(tumour), sum(normal)
-    recall, precision = tp / max(1, len(tumour)), tp / max(1, tp + fp)
-    areas = [area for _, c, area in called if c]
-    return {"threshold": THRESHOLDS[index], "tumour_slices": len(tumour), "recall": round(recall, 3),
-            "normal_slices": len(normal), "normals_called_tumour": fp,
-            "f1": round(2 * precision * recall / (precision + recall), 3) if tp else 0.0,
-            "median_mask_pixels_when_called": statistics.median(areas) if areas else None}
+def operating_point(outputs: list[tuple[int, list[np.ndarray]]], index: int) -> dict:
+    """The slice calls at `THRESHOLDS[index]`: a slice is called tumour when its mask is non-empty."""
+    labels = np.array([label for label, _ in outputs], dtype=bool)
+    called = np.array([masks[index].any() for _, masks in outputs], dtype=float)
+    metrics = classification_metrics(called, labels)
+    areas = [int(masks[index].sum()) for _, masks in outputs if masks[index].any()]
+    return {"threshold": THRESHOLDS[index], "tumour_slices": metrics["n_positive"], "recall": round(metrics["recall"], 3),
+            "normal_slices": metrics["n_negative"], "normals_called_tumour": int(called[~labels].sum()),
+            "f1": round(metrics["f1"], 3), "median_mask_pixels_when_called": statistics.median(areas) if areas else None}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
 Training on the VOIs raised the VOI Dice and cost the crops (`experiments/results/weights_selection_voi/`).
 One suspected cause: the VOIs' masks (published as the readers' majority vote) and the crop targets
 (the 2-of-4 consensus) draw different outlines. The middle slice of a VOI nodule is found pixel for pixel in one of the patient's crops
-(`experiments.intensity_fit.locate`, r >= 0.999); on that crop, the VOI mask is put in the crop's frame
+(`experiments.intensity_fit.vois_in_crops`, r >= 0.999); on that crop, the VOI mask is put in the crop's frame
 and compared with the consensus of at least k of the crop's readers, k = 1..4 (Dice, and the VOI
 mask's area over the consensus area), over the nodules whose crop has that many marking readers.
 Writes ``experiments/results/voi_mask_agreement.json`` (date, commit) and prints the table.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.intensity_fit import DATA, MIN_R, locate
+from experiments.intensity_fit import DATA, vois_in_crops
 from lungnlb.io.atomic import atomic_write_text
 from lungnlb.overlap import dice
 from lungnlb.stamp import run_stamp
@@ -33,20 +33,10 @@ READERS = (1, 2, 3, 4)
 def matched_masks(data: Path, limit: int | None) -> list[dict]:
     """Per VOI nodule found in a crop: the VOI mask in the crop's frame and the crop's reader masks."""
     found = []
-    vois = sorted(p for p in (data / "vois").glob("*.npz") if (data / "crops" / p.name).exists())
-    for path in vois[:limit]:
-        with np.load(data / "crops" / path.name) as crop_file:
-            crops, readers = crop_file["image"], crop_file["masks"].astype(bool)
-        with np.load(path) as arrays:
-            nodules = {key[4:]: (arrays[key], arrays["mask_" + key[4:]]) for key in arrays.files if key.startswith("img_")}
-        for volume, mask in nodules.values():
-            middle = int(np.argmax(mask.sum(axis=(1, 2))))
-            r, n, y, x = locate(crops, volume[middle].astype(np.float32))
-            if r < MIN_R:
-                continue
-            placed = np.zeros(crops.shape[1:], dtype=bool)
-            placed[y: y + mask.shape[1], x: x + mask.shape[2]] = mask[middle] > 0
-            found.append({"patient": path.stem, "voi": placed, "readers": readers[n]})
+    for match in vois_in_crops(data, limit):
+        placed = np.zeros(match.crop_image.shape, dtype=bool)
+        placed[match.row: match.row + match.mask.shape[0], match.column: match.column + match.mask.shape[1]] = match.mask > 0
+        found.append({"patient": match.patient, "voi": placed, "readers": match.crop_readers})
     return found
 
 
