@@ -158,7 +158,8 @@ class NnUNetSlices:
     def air(self) -> float:
         return self.mapping.air()
 
-    def predict_normalized(self, volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict_normalized(self, volume: np.ndarray, intensity: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As `lungnlb.inference.Predictor.predict_normalized` without a slice probe (``intensity`` unused)."""
         probability = np.empty(volume.shape, np.float32)
         for index, plane in enumerate(volume):
             _, probabilities = self.predictor.predict_single_npy_array(

@@ -77,8 +77,9 @@ CHEBYSHEV = "unet_sl_nlb[chebyshev]"
 NNUNET = "nnunet_2d"
 NLB_ROWS = ("unet_nlb", "unet_localized_nlb", "unet_sb_nlb", "unet_sl_nlb")
 NLB_KWARGS = {"grid": 4}  # the shipped model's grid: 64-pixel patches for all four variants
+# slice_probe off: the tables compare the networks' own heads, within the same budget for every row
 RECIPE = {"patch_size": 64, "batch_size": 16, "lr": 2e-3, "seg_fraction": 0.7, "balance_classes": False,
-          "val_slices": 400}
+          "val_slices": 400, "slice_probe": False}
 CLASSIFIER_INPUT = 128  # whole slices, resized, for the rows without a mask head
 # Only the paper's figures quoted in the project's issue are filled in; the rest are not invented.
 PAPER = {

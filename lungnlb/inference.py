@@ -26,6 +26,9 @@ of two forms, chosen by the checkpoint:
   smaller than ``min_component_pixels`` are removed, and the slice probability is the highest
   remaining mask probability, so a slice is called tumour exactly when its mask is non-empty at
   the threshold (``threshold``: fitted on validation slices, `lungnlb.training.validation`).
+  A checkpoint may carry a slice probe for one intensity kind (`lungnlb.slice_probe`; the shipped
+  weights: the windowed 8-bit JPEGs): a slice of that kind is also called tumour when the probe
+  says so, with or without an outline.
 
     array (Z, Y, X) or (Y, X)  ->  probability (Z, Y, X) or (Y, X) float32 in [0, 1]
                                    slice_probability (Z,) or scalar
@@ -47,6 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lungnlb.slice_probe import SliceProbe, pooled_window_features
 
 
 @dataclass
@@ -112,6 +117,7 @@ class Predictor:
         from lungnlb.io.intensity import IntensityMapping
 
         self.intensity = IntensityMapping.from_config(config.get("intensity"))
+        self.slice_probe = SliceProbe.from_config(config.get("slice_probe")) if self.patch_size else None
 
     @classmethod
     def from_checkpoint(
@@ -160,21 +166,27 @@ class Predictor:
             raise ValueError(f"expected a (Y, X) slice or a (Z, Y, X) volume, got an array of shape {array.shape}")
         volume = self.model_input(array, intensity)
         volume = volume[None] if array.ndim == 2 else volume
-        probabilities, slice_probabilities = self.predict_normalized(volume)
+        probabilities, slice_probabilities = self.predict_normalized(volume, intensity)
         if array.ndim == 2:
             mask = None if probabilities is None else probabilities[0]
             return PredictionResult(mask, float(slice_probabilities[0]))
         return PredictionResult(probabilities, slice_probabilities)
 
     @torch.no_grad()
-    def predict_normalized(self, volume: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    def predict_normalized(self, volume: np.ndarray, intensity: str | None = None
+                           ) -> tuple[np.ndarray | None, np.ndarray]:
         """Forward (Z, Y, X) slices already in the model's [0, 1] range; return (probability, slice_probability).
 
+        ``intensity``, the slices' source kind, matters only to a checkpoint with a slice probe for
+        that kind (`lungnlb.slice_probe`): their slice probability is then max(mask score, probe).
         Each batch's output is written straight into the preallocated result arrays (a 64-slice
         512 x 512 volume would otherwise hold its 64 MiB of probabilities two more times).
         """
         if self.native:
-            return self.finish_windows(*self.window_probability(volume), self.threshold)
+            probability, slice_probability = self.finish_windows(*self.window_probability(volume), self.threshold)
+            if self.slice_probe is not None and intensity == self.slice_probe.intensity:
+                slice_probability = np.maximum(slice_probability, self.probe_probability(volume))
+            return probability, slice_probability
         depth, size = volume.shape[0], tuple(volume.shape[-2:])
         slice_probability = np.empty(depth, dtype=np.float32)
         probability = None
@@ -257,12 +269,31 @@ class Predictor:
             logits[wanted] = self.forward(windows[wanted])["seg"]
         return logits
 
-    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The model's float32 logits of a (B, 1, H, W) batch, computed in ``self.precision``."""
+    def probe_probability(self, volume: np.ndarray) -> np.ndarray:
+        """The slice probe's score of each (Y, X) slice of ``volume``, on this checkpoint's threshold scale."""
+        probe = self.slice_probe
+        features = np.stack([self.slice_probe_features(plane) for plane in volume])
+        return probe.on_model_scale(probe.probability(features), self.threshold).astype(np.float32)
+
+    @torch.no_grad()
+    def slice_probe_features(self, plane: np.ndarray) -> np.ndarray:
+        """The slice probe's features ``f`` (2C,) of one (Y, X) slice in model input units: its windows
+        over the body's box (`lungnlb.slice_probe.pooled_window_features`)."""
+        box = body_box(plane, self.air() + BODY_MARGIN) or (slice(0, plane.shape[0]), slice(0, plane.shape[1]))
+
+        def features(windows: np.ndarray) -> np.ndarray:
+            batch = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device)
+            return self.forward(batch, return_features=True)["features"].cpu().numpy()
+
+        return pooled_window_features(features, plane, box, self.patch_size[0])
+
+    def forward(self, batch: torch.Tensor, return_features: bool = False) -> dict[str, torch.Tensor]:
+        """The model's float32 outputs of a (B, 1, H, W) batch, computed in ``self.precision``; with
+        ``return_features`` also the classification head's input (`SegClsUNet` only)."""
         from lungnlb.networks.inference_form import autocast_to
 
         with autocast_to(self.device, self.precision):
-            output = self.model(batch)
+            output = self.model(batch, return_features=True) if return_features else self.model(batch)
         return {name: logits.float() for name, logits in output.items()}
 
     def lung_field(self, plane: np.ndarray) -> np.ndarray | None:

@@ -8,7 +8,8 @@
 # On the GPU machine (the device tool: carry .gpu; the run's folder comes back under $OUT):
 #     bash scripts/gpu_train.sh train [BUDGET_S]
 # (A dry run here: PYTHON=.venv/bin/python DEVICE=cpu bash scripts/gpu_train.sh train 30.)
-# Then evaluate $OUT/run/best.pt here on the full-precision studies folder (docs/training.md).
+# Then, here on the full-precision studies folder, fit its slice probe (the packed data has no JPEG
+# tumours: python -m experiments.jpeg_encoder_probe --checkpoint ... --write) and evaluate it (docs/training.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES="monai==1.6.1 nibabel==5.4.2 pydicom==2.4.5 pynrrd==1.1.3"  # the versions setup.sh installs here
@@ -32,7 +33,7 @@ train() {
     "$python" -m lungnlb.cli train --data .gpu/studies --split .gpu/split.json --out "$out/run" \
         --model unet_sl_nlb --model-kwargs '{"grid": 4}' --patch-size 64 --steps 40000 --batch-size 128 \
         --lr 2e-3 --seg-fraction 0.7 --no-balance-classes --val-every 5000 --val-slices 400 \
-        --num-workers 12 --device "$device" --time-budget-s "$budget" 2>&1 | tee "$out/train.log"
+        --num-workers 12 --device "$device" --time-budget-s "$budget" --no-slice-probe 2>&1 | tee "$out/train.log"
 }
 
 case "${1:-}" in

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lungnlb"
 LAYERS = {  # module or package under lungnlb -> layer (lower imports nothing higher)
     "__init__": 0, "stamp": 0, "overlap": 0, "io": 0,
     "data": 1, "labels": 1, "prepare": 1,
-    "blocks": 2, "networks": 2, "runtime": 2,
+    "blocks": 2, "networks": 2, "runtime": 2, "slice_probe": 2,
     "checkpoint": 3, "inference": 3, "training": 3, "evaluation": 3, "export": 3, "explain": 3, "visualize": 3,
     "commands": 4, "cli": 4,
 }

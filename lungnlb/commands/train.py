@@ -57,6 +57,9 @@ HELP = {
                       "called tumour (multiple-instance learning)",
     "top_negatives": "native-resolution training: per batch, this many windows of tumour-free whole slices, each the "
                      "window the model ranks highest on its slice, trained as background",
+    "slice_probe": "native-resolution training: after selection, fit the best checkpoint's slice probe (a linear "
+                   "tumour / no-tumour classifier of whole JPEG slices on its frozen encoder) where the split has "
+                   "class-labelled JPEGs of both classes among the training and the validation cases",
 }
 NOT_OPTIONS = ("data", "out", "progress", "tensorboard")
 

@@ -108,7 +108,7 @@ def _predict_image(loaded: LoadedImage, predictor, crop_rule: str) -> Iterator[S
     if crop:
         probabilities, scores = predict_crops(predictor, volume, crop_rule)
     else:
-        probabilities, scores = predictor.predict_normalized(volume)
+        probabilities, scores = predictor.predict_normalized(volume, record["intensity"])
     for index, (z, has_mask, label) in enumerate(loaded.plan):
         yield SliceResult(
             record["image_id"], record["case"], record["source"], z, crop, label, float(scores[index]),

@@ -17,7 +17,9 @@ the group-norm kernel, channels_last input, fused block projections) is an expli
 instance-norm backward is accurate (docs/method.md, speed section).
 
 `forward(x)` returns {"seg": (B, 1, H, W) logits, "cls": (B, 1) logits}; with
-`return_attention=True` also {"attention": {block name: (B, n*n, n*n)}}. With `deep_supervision`
+`return_attention=True` also {"attention": {block name: (B, n*n, n*n)}}; with `return_features=True`
+also {"features": (B, C4)}, the classification head's input (the slice probe's features,
+`lungnlb.slice_probe`). With `deep_supervision`
 (nnU-Net's auxiliary outputs), a model in training mode also returns {"seg_deep": [(B, 1, H/2, W/2),
 (B, 1, H/4, W/4)] logits}, 1x1 convolutions of the decoder at those sizes; in eval mode (and in
 the inference form) the output is the same as without.
@@ -117,7 +119,7 @@ class SegClsUNet(nn.Module):
         symmetric = nlb_variant in ("symmetry", "symmetry_localized")
         self.size_divisor = unet_size_divisor(levels, grid, symmetric)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False) -> dict:
+    def forward(self, x: torch.Tensor, return_attention: bool = False, return_features: bool = False) -> dict:
         check_input_size(x, self.size_divisor, self.name)
         if self.fast_inference:
             x = channels_last(x)
@@ -136,9 +138,12 @@ class SegClsUNet(nn.Module):
             up = upcat.convs(torch.cat([skip, upcat.upsample(up)], dim=1))  # MONAI UpCat, no padding needed
             if supervised and upcat in (unet.upcat_3, unet.upcat_2):
                 decoded.append(up)
-        output = {"seg": unet.final_conv(up), "cls": self.classifier(deepest.mean(dim=(2, 3)))}
+        pooled = deepest.mean(dim=(2, 3))
+        output = {"seg": unet.final_conv(up), "cls": self.classifier(pooled)}
         if supervised:  # heads in the order H/2, H/4
             output["seg_deep"] = [head(features) for head, features in zip(self.deep_heads, reversed(decoded))]
         if return_attention:
             output["attention"] = attention
+        if return_features:
+            output["features"] = pooled
         return output

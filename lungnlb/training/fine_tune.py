@@ -120,11 +120,16 @@ def fine_tune(
         )
         if decision.publish:
             model.load_state_dict(best)
-            published = {key: value for key, value in {**base, **_best_config(result["best"])}.items()
-                         if key not in ("format", "lungnlb_version")}  # save_checkpoint writes the current ones
-            save_checkpoint(publish_to, model, published)
+            save_checkpoint(publish_to, model, published_config(base, _best_config(result["best"])))
     return {"metrics": metrics, "incumbent_dice": incumbent, "publish": decision.as_record(),
             "published": decision.publish}
+
+
+def published_config(base: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tuned checkpoint's config: the base's, updated by the run's ``best``; without the base's
+    slice probe (fitted on an encoder that has changed) and format stamps (`save_checkpoint` writes them)."""
+    return {key: value for key, value in {**base, **best}.items()
+            if key not in ("format", "lungnlb_version", "slice_probe")}
 
 
 def _best_config(best_weights: Path) -> dict[str, Any]:

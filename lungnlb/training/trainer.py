@@ -16,6 +16,9 @@ probability 0.5 everywhere; for a native-resolution model it fits the mask thres
 the highest validation score (harmonic mean of Dice over tumour slices and F1, so a Dice-0 model is
 never kept), `last` the latest weights plus the optimiser state for `--resume`; with ``keep_validated``
 every validated checkpoint stays as `step_<N>` too. Learning rate: linear warm-up over 5% of the steps, then cosine to 0.
+`train`'s last step (``slice_probe``, on by default) fits the best native checkpoint's slice probe
+where the split has class-labelled JPEGs (`lungnlb.training.slice_probe`; some 10 minutes for the
+IQ-OTH/NCCD JPEGs on 2 CPU cores); `fit` alone (the app's fine-tune) leaves checkpoints without one.
 
 A run may start from a checkpoint's weights (`init`) and add hard-negative crops around another
 checkpoint's false alarms on the training slices (`hard_negatives_from`, drawn with probability
@@ -46,6 +49,7 @@ from torch.utils.data import Sampler
 from lungnlb.checkpoint import load_training_state, read_config, save_checkpoint, save_training_state
 from lungnlb.data.sources import ATTRIBUTION
 from lungnlb.io.intensity import IntensityMapping
+from lungnlb.networks.unet_nlb import SegClsUNet
 from lungnlb.training.augment import patch_transforms, train_transforms
 from lungnlb.training.dataset import (
     SliceDataset,
@@ -63,6 +67,7 @@ from lungnlb.training.validation import (
     validation_subset,
 )
 from lungnlb.training.mil import SliceBags, mil_loss, with_tumour_free
+from lungnlb.training.slice_probe import add_slice_probe
 
 
 @dataclass
@@ -107,6 +112,7 @@ class TrainConfig:
     hard_negative_fraction: float = 0.2  # expected share of hard-negative crops per batch
     weak_positives: int = 0  # windows per batch chosen by MIL from tumour slices without a mask (native training)
     top_negatives: int = 0  # windows per batch the model ranks highest on tumour-free whole slices (native training)
+    slice_probe: bool = True  # fit the best checkpoint's slice probe where the split has JPEGs (lungnlb.slice_probe)
 
 
 class WeightedShardSampler(Sampler[int]):
@@ -365,6 +371,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if not data.train:
         raise ValueError(f"no labelled training slices in {config.data} for split {split_path}")
     result = fit(config, initial_network(config), data, mapping, device, rank, world_size)
+    if rank == 0 and config.slice_probe and config.patch_size and isinstance(result["model"], SegClsUNet) and data.val:
+        probe = add_slice_probe(result["best"], Path(config.data), records, split, _probe_progress(config))
+        if probe is not None:
+            result["metrics"] = {**result["metrics"], "slice_probe": probe.fit["validation"]}
     return {**result, "split": split_path}
 
 
@@ -554,6 +564,12 @@ def _mil_bags(config: TrainConfig, data: TrainingSet, mapping: IntensityMapping
 
 def _short(metrics: dict[str, Any]) -> dict[str, str]:
     return {key: f"{metrics[key]:.3f}" for key in ("dice", "f1") if metrics.get(key) is not None}
+
+
+def _probe_progress(config: TrainConfig):
+    if not config.progress:
+        return None
+    return lambda done, total: print(f"slice probe features: {done}/{total}", flush=True) if done % 100 == 0 else None
 
 
 def _writer(out: Path, config: TrainConfig):
