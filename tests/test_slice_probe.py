@@ -147,3 +147,19 @@ def test_a_fine_tuned_checkpoint_drops_the_probe_of_its_base():
     published = published_config(base, {"threshold": 0.3, "metrics": {"dice": 0.7}})
     assert "slice_probe" not in published and "format" not in published
     assert published["threshold"] == 0.3 and published["intensity"] == base["intensity"]
+
+
+def test_the_shipped_weights_call_the_sample_jpegs_by_their_class():
+    """The bundled sample's two IQ-OTH/NCCD JPEGs (training blocks: a check of the served path, not
+    of generalisation, which docs/results.md measures on held-out blocks)."""
+    from pathlib import Path
+
+    from lungnlb.data.studies import image_path, read_study_image
+
+    predictor = Predictor.from_checkpoint(None)
+    assert predictor.slice_probe is not None and predictor.slice_probe.intensity == "windowed8bit"
+    sample = Path(__file__).resolve().parents[1] / "sample_data" / "studies"
+    for image_id, tumour in (("iq-othnccd_malignant_001", True), ("iq-othnccd_normal_001", False)):
+        image = read_study_image(image_path(sample, image_id))
+        plane = image.array.reshape(image.array.shape[-2:])
+        assert (predictor.predict(plane, image.intensity).slice_probability >= predictor.threshold) == tumour
