@@ -25,7 +25,7 @@ from lungnlb.inference import Predictor
 from lungnlb.io.atomic import atomic_write_text
 from lungnlb.stamp import run_stamp
 from lungnlb.training.slice_probe import (
-    PROBE_INTENSITY, both_classes, fit_slice_probe, operating_point, probe_records, subset_features,
+    PROBE_INTENSITY, both_classes, fit_slice_probe, operating_point, probe_records, probe_subsets, subset_features,
 )
 from lungnlb.training.split import load_split
 
@@ -50,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     predictor = Predictor(model, config)
     split = load_split(args.split)
     records = read_records(args.data)
-    chosen = {subset: probe_records(records, split["cases"][subset]) for subset in ("train", "val", "test")}
-    if not all(both_classes(subset) for subset in chosen.values()):
-        parser.error(f"{args.data} lacks JPEGs of both classes in the training, validation or test cases")
+    chosen = probe_subsets(records, split)
+    held_out = probe_records(records, split["cases"]["test"])
+    if chosen is None or not both_classes(held_out):
+        parser.error(f"{args.data} lacks the JPEGs a probe fits on (lungnlb.training.slice_probe) or held-out "
+                     "JPEGs of both classes")
+    chosen["test"] = held_out
     features = {}
     for subset, subset_records in chosen.items():
         print(f"{subset}: {len(subset_records)} JPEGs", flush=True)

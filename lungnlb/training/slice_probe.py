@@ -47,6 +47,16 @@ def both_classes(records: list[dict[str, Any]]) -> bool:
     return {r["class_label"] for r in records} == {0, 1}
 
 
+def probe_subsets(records: list[dict[str, Any]], split: dict[str, Any]) -> dict[str, list[dict[str, Any]]] | None:
+    """{"train", "val": the records a probe fits on}, or None when the split lacks what the module
+    docstring asks for (both classes in both subsets, `MIN_VALIDATION_NORMALS` validation normals)."""
+    chosen = {subset: probe_records(records, split["cases"][subset]) for subset in ("train", "val")}
+    normals = sum(r["class_label"] == 0 for r in chosen["val"])
+    if not all(both_classes(subset) for subset in chosen.values()) or normals < MIN_VALIDATION_NORMALS:
+        return None
+    return chosen
+
+
 def subset_features(predictor, studies: Path, records: list[dict[str, Any]],
                     progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, 2C), labels (N,) bool) of single-slice ``records`` by ``predictor``."""
@@ -105,13 +115,12 @@ def add_slice_probe(checkpoint: Path, studies: Path, records: list[dict[str, Any
     from lungnlb.checkpoint import load_model, save_checkpoint
     from lungnlb.inference import Predictor
 
-    chosen = [probe_records(records, split["cases"][subset]) for subset in ("train", "val")]
-    normals = sum(r["class_label"] == 0 for r in chosen[1])
-    if not all(both_classes(subset) for subset in chosen) or normals < MIN_VALIDATION_NORMALS:
+    chosen = probe_subsets(records, split)
+    if chosen is None:
         return None
     model, config = load_model(checkpoint)
     predictor = Predictor(model, config)
-    train, val = (subset_features(predictor, Path(studies), subset, progress) for subset in chosen)
+    train, val = (subset_features(predictor, Path(studies), chosen[subset], progress) for subset in ("train", "val"))
     probe = fit_slice_probe(train, val)
     save_checkpoint(checkpoint, model, {**config, "slice_probe": probe.as_config()})
     return probe
