@@ -23,7 +23,8 @@ of two forms, chosen by the checkpoint:
   windows stay where the body box puts them: the model's output depends on where a window falls,
   and windows laid over the lungs' box alone lowered whole-slice Dice. In a volume, slices without lungs (above or below them) are skipped.
   Crops, and slices where no lungs are found, keep the whole body box. Predicted components
-  smaller than ``min_component_pixels`` are removed, and the slice probability is the highest
+  smaller than ``min_component_pixels``, counted through a volume's adjacent slices (a nodule's
+  last slices are small), are removed, and the slice probability is the highest
   remaining mask probability, so a slice is called tumour exactly when its mask is non-empty at
   the threshold (``threshold``: fitted on validation slices, `lungnlb.training.validation`).
   A checkpoint may carry a slice probe for one intensity kind (`lungnlb.slice_probe`; the shipped
@@ -355,18 +356,37 @@ def body_box(plane: np.ndarray, level: float) -> tuple[slice, slice] | None:
 
 
 def remove_small_components(mask: np.ndarray, min_pixels: int, field: np.ndarray | None = None) -> np.ndarray:
-    """``mask`` (Z, Y, X) bool without its 8-connected in-plane components smaller than ``min_pixels``
-    and, where ``field`` (Z, Y, X) bool is given, without those that have no pixel in it."""
+    """``mask`` (Z, Y, X) bool, a volume's adjacent slices, without its 8-connected in-plane
+    components that belong to a small nodule and, where ``field`` (Z, Y, X) bool is given, without
+    those that have no pixel in it.
+
+    A component is small when the volume component it belongs to (in-plane components joined to
+    the slices above and below face to face) covers fewer than ``min_pixels`` pixels: the last
+    slices of a nodule are smaller than that, and counted in their slice alone they were dropped
+    (`experiments/results/volume_components/`). A single slice is its own volume."""
     from scipy import ndimage
 
-    kept = np.zeros_like(mask, dtype=bool)
-    for z, plane in enumerate(mask):
-        labels, count = ndimage.label(plane, np.ones((3, 3), bool))
-        if count:
-            sizes = np.bincount(labels.ravel())
-            sizes[0] = 0
-            good = sizes >= min_pixels
-            if field is not None:
-                good &= np.bincount(labels.ravel(), weights=field[z].ravel(), minlength=count + 1) > 0
-            kept[z] = good[labels]
+    mask = np.asarray(mask, dtype=bool)
+    kept = np.zeros(mask.shape, dtype=bool)
+    boxes = ndimage.find_objects(mask.view(np.uint8))  # labelling only the marked box keeps a volume's tail short
+    if not boxes:
+        return kept
+    box = boxes[0]
+    through_slices = np.zeros((3, 3, 3), bool)
+    through_slices[1] = True
+    through_slices[0, 1, 1] = through_slices[2, 1, 1] = True
+    labels, count = ndimage.label(mask[box], through_slices)
+    large = np.bincount(labels[mask[box]], minlength=count + 1) >= min_pixels  # counting marked pixels only: fast
+    large[0] = False
+    kept[box] = large[labels]
+    if field is None:
+        return kept
+    for z in range(box[0].start, box[0].stop):
+        plane = kept[z][box[1:]]
+        if plane.any():
+            labels, count = ndimage.label(plane, np.ones((3, 3), bool))
+            touches = np.zeros(count + 1, bool)
+            touches[labels[plane & field[z][box[1:]]]] = True
+            touches[0] = False
+            kept[z][box[1:]] = touches[labels]
     return kept

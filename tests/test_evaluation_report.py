@@ -9,7 +9,7 @@ import pytest
 from lungnlb.evaluation.crops import predict_crops
 from lungnlb.evaluation.duplicates import SliceKey, find_duplicates
 from lungnlb.evaluation.metrics import lesion_detection, patient_bootstrap_ci
-from lungnlb.evaluation.predict import SliceResult
+from lungnlb.evaluation.predict import LoadedImage, SliceResult, _predict_image
 from lungnlb.evaluation.report import build_report
 from lungnlb.evaluation.scoring import human_agreement, score_slices
 from train_helpers import DATA
@@ -134,7 +134,10 @@ class _RecordingPredictor:
     def air(self):
         return (-1000 + 1350) / 1500
 
-    def predict_normalized(self, volume):
+    def model_input(self, array, intensity):
+        return array
+
+    def predict_normalized(self, volume, intensity=None):
         self.seen.append(volume.shape)
         return (volume > 0.5).astype(np.float32), volume.reshape(len(volume), -1).max(1)
 
@@ -149,6 +152,20 @@ def test_crop_is_padded_with_air_to_the_whole_slice_and_cut_back():
     assert predict_crops(predictor, crop, "resize")[0].shape == (2, 10, 12) and predictor.seen[-1] == (2, 10, 12)
     with pytest.raises(ValueError, match="crop rule"):
         predict_crops(predictor, crop, "stretch")
+
+
+def test_a_volume_is_predicted_with_the_slices_between_its_labelled_ones():
+    raw = np.zeros((6, 8, 8), np.float32)
+    for z in range(6):
+        raw[z, :z + 1, 0] = 0.9  # slice z marks z + 1 pixels
+    reference = raw > 0.5
+    record = {"image_id": "v", "case": "p", "source": "s", "intensity": "normalized"}
+    loaded = LoadedImage(record, raw, reference, {}, [(1, True, 1), (4, True, 1)])
+    predictor = _RecordingPredictor(slice_size=8)
+    results = list(_predict_image(loaded, predictor, "pad"))
+    assert predictor.seen == [(4, 8, 8)]  # slices 1 to 4, so that 2 and 3 join them
+    assert [r.z for r in results] == [1, 4]
+    assert [int(r.probability.sum()) for r in results] == [2, 5]
 
 
 def test_patients_a_checkpoint_saw_are_left_out():

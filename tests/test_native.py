@@ -30,6 +30,26 @@ def test_small_components_are_removed_per_slice():
     assert kept[0].sum() == 16 and not kept[1].any()
 
 
+def test_a_nodules_small_last_slice_is_kept_with_the_slices_it_continues():
+    mask = np.zeros((4, 12, 12), bool)
+    mask[0, 2:6, 2:6] = True  # 16 pixels
+    mask[1, 3:5, 3:5] = True  # 4 pixels below them: the nodule's last slice, kept
+    mask[1, 9, 9] = True  # 1 pixel touching nothing: removed
+    mask[3, 3:5, 3:5] = True  # 4 pixels, but slice 2 between is empty: removed
+    kept = remove_small_components(mask, 10)
+    assert kept[0].sum() == 16 and kept[1].sum() == 4 and kept[1, 3:5, 3:5].all()
+    assert not kept[1, 9, 9] and not kept[3].any()
+
+
+def test_the_lung_field_still_judges_each_slice_of_a_kept_volume_component():
+    mask = np.zeros((2, 12, 12), bool)
+    mask[:, 2:6, 2:6] = True
+    field = np.zeros(mask.shape, bool)
+    field[0, 2, 2] = True  # only the first slice's part touches the lungs
+    kept = remove_small_components(mask, 10, field)
+    assert kept[0].sum() == 16 and not kept[1].any()
+
+
 def test_a_dice_zero_model_is_never_the_best():
     assert validation_score({"dice": 0.0, "f1": 0.99}) == 0.0
     assert validation_score({"dice": 0.5, "f1": 1.0}) == pytest.approx(2 / 3)
@@ -100,20 +120,20 @@ def test_a_volume_shared_among_threads_gives_each_slice_its_own_prediction(monke
     torch.manual_seed(0)
     predictor = _native_predictor(build_model("unet_sl_nlb", **TINY_KWARGS))
     volume = np.random.default_rng(1).uniform(0.3, 1, (5, 70, 90)).astype(np.float32)
-    alone = [predictor.predict_normalized(plane[None])[0][0] for plane in volume]
+    alone = [predictor.window_probability(plane[None])[0][0] for plane in volume]  # before components join slices
     before, seen = torch.get_num_threads(), set()
     model = predictor.model
     monkeypatch.setattr(predictor, "model",
                         lambda x: seen.add((threading.get_ident(), torch.get_num_threads(), torch.is_grad_enabled())) or model(x))
     torch.set_num_threads(3)
     try:
-        shared, _ = predictor.predict_normalized(volume)
+        shared, _ = predictor.window_probability(volume)
         assert {(t, g) for _, t, g in seen} == {(1, False)}  # one torch thread each, without autograd
         assert len({ident for ident, _, _ in seen}) > 1 and torch.get_num_threads() == 3  # and the setting is back
         assert np.allclose(shared, np.stack(alone), atol=1e-5)
         seen.clear()
         with inference.SLICE_SHARING:  # another volume is sharing its slices: this one leaves torch alone
-            unshared, _ = predictor.predict_normalized(volume)
+            unshared, _ = predictor.window_probability(volume)
         assert {(t, g) for _, t, g in seen} == {(3, False)} and len({ident for ident, _, _ in seen}) == 1
         assert np.allclose(unshared, shared, atol=1e-5)
     finally:

@@ -102,14 +102,18 @@ def drop_duplicates(images: list[LoadedImage]) -> list[dict[str, Any]]:
 
 def _predict_image(loaded: LoadedImage, predictor, crop_rule: str) -> Iterator[SliceResult]:
     record = loaded.record
-    zs = [z for z, _, _ in loaded.plan]
-    volume = predictor.model_input(loaded.raw[zs], record["intensity"])
+    # the slices between the plan's are predicted too: a volume's components are counted through
+    # adjacent slices (`lungnlb.inference.remove_small_components`), as the app counts them
+    first = min(z for z, _, _ in loaded.plan)
+    last = max(z for z, _, _ in loaded.plan)
+    volume = predictor.model_input(loaded.raw[first : last + 1], record["intensity"])
     crop = bool(record.get("crop"))
     if crop:
         probabilities, scores = predict_crops(predictor, volume, crop_rule)
     else:
         probabilities, scores = predictor.predict_normalized(volume, record["intensity"])
-    for index, (z, has_mask, label) in enumerate(loaded.plan):
+    for z, has_mask, label in loaded.plan:
+        index = z - first
         yield SliceResult(
             record["image_id"], record["case"], record["source"], z, crop, label, float(scores[index]),
             volume[index].astype(np.float16),
