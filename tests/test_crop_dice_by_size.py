@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments.crop_dice_by_size import by_area, hysteresis
+from experiments.crop_dice_by_size import by_area, by_density, hysteresis
 
 
 def test_hysteresis_keeps_the_whole_extent_of_components_that_reach_the_threshold():
@@ -19,8 +19,16 @@ def test_hysteresis_keeps_the_whole_extent_of_components_that_reach_the_threshol
 
 
 def test_dice_by_reference_area_bins_each_slice_once():
-    rows = [(10, 0.5, 20), (15, 0.3, 30), (60, 0.8, 60), (700, 0.9, 690)]
+    rows = [(10, 0.5, 20, -600.0), (15, 0.3, 30, -300.0), (60, 0.8, 60, -300.0), (700, 0.9, 690, 20.0)]
     table = by_area(rows)
     assert [row["slices"] for row in table] == [2, 1, 1]
     assert table[0]["dice"] == 0.4 and table[0]["predicted_over_reference"] == 2.0
     assert table[-1]["reference_pixels"] == ">=500"
+
+
+def test_dice_by_reference_density_puts_ground_glass_apart():
+    rows = [(10, 0.5, 20, -650.0), (15, 0.3, 30, -500.0), (60, 0.8, 60, -350.0), (700, 0.9, 690, -200.0)]
+    table = by_density(rows)
+    assert [row["reference_mean_hu"] for row in table] == ["<-500", "-500 to -200", ">=-200"]
+    assert [row["slices"] for row in table] == [1, 2, 1]
+    assert table[1]["dice"] == 0.55
