@@ -127,9 +127,11 @@ def patient_cv() -> str:
 
 
 NATIVE_ROWS = (  # (label, evaluation report)
-    ("the weights below with a slice probe for the JPEGs (shipped)", EXPERIMENTS / "native_test.json"),
+    ("the weights below, their components counted through a volume's slices (shipped)", EXPERIMENTS / "native_test.json"),
+    ("the weights below with a slice probe for the JPEGs, components counted slice by slice (before)",
+     EXPERIMENTS / "before_volume_components" / "native_test.json"),
     ("the weights below + 1000 steps with MIL weak positives and top negatives (tumour-free whole slices), "
-     "threshold 0.2, no slice probe (before)", EXPERIMENTS / "weights_before_probe" / "native_test.json"),
+     "threshold 0.2, no slice probe", EXPERIMENTS / "weights_before_probe" / "native_test.json"),
     ("the 4200-step weights + 500 steps with MIL weak positives (IQ-OTH/NCCD tumour slices), threshold 0.4",
      EXPERIMENTS / "weak_positive_weights" / "native_test.json"),
     ("native, 64 px patches, best of 5600 steps (4200), lung field, threshold 0.5 (the base)",
