@@ -379,14 +379,19 @@ def remove_small_components(mask: np.ndarray, min_pixels: int, field: np.ndarray
     large = np.bincount(labels[mask[box]], minlength=count + 1) >= min_pixels  # counting marked pixels only: fast
     large[0] = False
     kept[box] = large[labels]
-    if field is None:
-        return kept
-    for z in range(box[0].start, box[0].stop):
-        plane = kept[z][box[1:]]
-        if plane.any():
-            labels, count = ndimage.label(plane, np.ones((3, 3), bool))
-            touches = np.zeros(count + 1, bool)
-            touches[labels[plane & field[z][box[1:]]]] = True
-            touches[0] = False
-            kept[z][box[1:]] = touches[labels]
+    if field is not None:
+        for z in range(box[0].start, box[0].stop):
+            keep_touching(kept[z][box[1:]], field[z][box[1:]])
     return kept
+
+
+def keep_touching(plane: np.ndarray, field: np.ndarray) -> None:
+    """Clear, in place, the 8-connected components of ``plane`` (Y, X) bool that have no pixel in ``field``."""
+    from scipy import ndimage
+
+    if plane.any():
+        labels, count = ndimage.label(plane, np.ones((3, 3), bool))
+        touches = np.zeros(count + 1, bool)
+        touches[labels[plane & field]] = True
+        touches[0] = False
+        plane[...] = touches[labels]
