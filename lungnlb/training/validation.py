@@ -4,7 +4,9 @@ selection score, and the draw that keeps a long validation list affordable.
 A whole-slice model predicts already-resized samples in batches and its classification threshold is
 fitted (the F1-best threshold, stored as a logit offset); a native-resolution model predicts each
 slice through the deployed sliding-window `Predictor` and calls a slice tumour when its mask is
-non-empty, so validation measures exactly what inference will do; its mask threshold is fitted
+non-empty, so validation measures exactly what inference does on a single slice (in a volume,
+inference also counts a component's pixels through the slices: `lungnlb.inference.remove_small_components`,
+which keeps more of a nodule's end slices); its mask threshold is fitted
 too: of `SEG_THRESHOLDS`, the one with the best `validation_score` (Dice, slice F1 and the
 specificity on the tumour-free slices, so a threshold that buys Dice or recall with false alarms
 loses), stored as the checkpoint's ``threshold``.
