@@ -264,3 +264,24 @@ def test_a_time_budget_shortens_the_run_and_its_schedule(tmp_path):
     studies = synthetic_studies(tmp_path)
     result = train(tiny_config(studies, tmp_path / "run", steps=1000, val_every=500, time_budget_s=1e-3))
     assert read_config(result["last"])["step"] == BUDGET_PROBE_STEPS  # over budget after the probe: stopped, validated
+
+
+def test_ground_glass_lesion_slices_are_drawn_more_often():
+    from lungnlb.io.intensity import IntensityMapping
+    from lungnlb.training.dataset import SliceSample, weigh_faint_lesions
+
+    mapping = IntensityMapping()
+    to_input = lambda hu: float(mapping(np.array([[hu]], np.float32), "hu")[0, 0])  # noqa: E731
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 2:5] = True
+
+    def lesion(hu_inside):
+        image = np.full((8, 8), to_input(-850.0), np.float32)
+        image[mask] = to_input(hu_inside)
+        return SliceSample("i", "c", "s", 0, image, mask.copy(), 1)
+
+    ground_glass, solid, tumour_free = lesion(-650.0), lesion(30.0), SliceSample("j", "c", "s", 0, np.zeros((8, 8), np.float32), None, 0)
+    assert weigh_faint_lesions([ground_glass, solid, tumour_free], 3.0, mapping) == 1
+    assert (ground_glass.weight, solid.weight, tumour_free.weight) == (3.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="faint-lesion-weight"):
+        weigh_faint_lesions([solid], 0.0, mapping)

@@ -30,6 +30,8 @@ HELP = {
     "reader_targets": "native-resolution training: on LIDC crops, train on the share of readers who outlined "
                       "each pixel (0.5 = the reference consensus) instead of the reference alone, and on the "
                       "slices only one reader outlined",
+    "faint_lesion_weight": "draw the training slices whose lesion is ground glass (its mean below -500 HU) this many "
+                           "times as often as the other lesion slices",
     "batch_size": "per process",
     "seg_weight": "weight of the DiceCE segmentation loss",
     "cls_weight": "weight of the BCE classification loss",

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from lungnlb.data.studies import image_path, label_path, read_records, slice_plan
 from lungnlb.inference import LUNG_FIELD_MIN_SIZE, resize_batch
+from lungnlb.io.intensity import window_bounds
 
 if TYPE_CHECKING:
     from lungnlb.io.intensity import IntensityMapping
@@ -199,3 +200,19 @@ class SliceDataset(Dataset):
             "label": torch.tensor([label]),
             "has_label": torch.tensor(sample.class_label is not None or self.patches),
         }
+
+
+FAINT_LESION_HU = -500.0  # a lesion's mean below this is ground glass (solid nodules: above -200)
+
+
+def weigh_faint_lesions(samples: list[SliceSample], weight: float, mapping: IntensityMapping) -> int:
+    """Multiply, in place, the draw weight of the samples whose lesion is faint (its mean below
+    `FAINT_LESION_HU` in the model's input) by ``weight``; return how many."""
+    if weight <= 0:
+        raise ValueError(f"--faint-lesion-weight must be positive, got {weight}")
+    low, high = window_bounds(mapping.window)
+    level = (FAINT_LESION_HU - low) / (high - low)
+    faint = [s for s in samples if s.mask is not None and (s.mask > 0.5).any() and s.image[s.mask > 0.5].mean() < level]
+    for sample in faint:
+        sample.weight *= weight
+    return len(faint)

@@ -58,6 +58,7 @@ from lungnlb.training.dataset import (
     is_whole_tumour_free,
     load_slices,
     read_records,
+    weigh_faint_lesions,
 )
 from lungnlb.training.loss import MultiTaskLoss
 from lungnlb.training.split import all_train_split, load_split, make_split, save_split
@@ -82,6 +83,7 @@ class TrainConfig:
     patch_size: int | None = None  # native-resolution patches of this size instead of resized whole slices
     pos_fraction: float = 0.5  # share of patches centred on a lesion (native-resolution training)
     reader_targets: bool = False  # soft masks from each reader's outline where there are some (native training)
+    faint_lesion_weight: float = 1.0  # draw slices whose lesion is ground glass this much more often (training.dataset)
     steps: int = 2000
     batch_size: int = 8
     lr: float = 1e-3
@@ -392,10 +394,13 @@ def load_training_set(config: TrainConfig, records: list[dict[str, Any]], split:
     weak = [s for s in train_samples if is_weak_positive(s)] if config.patch_size and config.weak_positives else []
     if config.patch_size:  # only slices whose every patch has a known truth: a lesion mask, or tumour-free
         train_samples = [s for s in train_samples if s.class_label == 0 or (s.mask is not None and s.mask.any())]
+    faint = weigh_faint_lesions(train_samples, config.faint_lesion_weight, mapping) if config.faint_lesion_weight != 1.0 else None
     if config.hard_negatives_from:
         train_samples += hard_negative_crops(config, train_samples)
     val_samples = load_validation_set(config, records, split, mapping) if rank == 0 else []
     summary = data_summary(config.data, train_samples + weak, split)
+    if faint is not None:
+        summary["faint_lesion_slices"] = faint
     if config.init:  # the patients behind the starting weights were trained on too
         summary["train_cases"] = sorted(set(summary["train_cases"]) | set(
             read_config(config.init).get("training_data", {}).get("train_cases") or []))
