@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from lungnlb.data.studies import read_records
 from lungnlb.evaluation.crops import crop_canvas
-from lungnlb.evaluation.predict import load_image
+from lungnlb.evaluation.predict import load_image, plan_span
 from lungnlb.inference import MIN_COMPONENT_PIXELS, Predictor
 from lungnlb.io.atomic import atomic_write_text
 from lungnlb.io.intensity import window_bounds
@@ -128,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         zs = [z for z, has_mask, _ in loaded.plan if has_mask and loaded.reference[z].any()]
         if not zs:
             continue
-        first, last = min(z for z, _, _ in loaded.plan), max(z for z, _, _ in loaded.plan)
-        volume = predictor.model_input(loaded.raw[first : last + 1], record["intensity"])
+        span = plan_span(loaded.plan)
+        volume = predictor.model_input(loaded.raw[span], record["intensity"])
         plain, mirrored = raw_probabilities(predictor, volume)
-        index = [z - first for z in zs]
+        index = [z - span.start for z in zs]
         reference = loaded.reference[zs]
         hu = low + volume[index] * (high - low)
         patients.add(record["case"])

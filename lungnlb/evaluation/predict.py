@@ -100,20 +100,25 @@ def drop_duplicates(images: list[LoadedImage]) -> list[dict[str, Any]]:
     return removed
 
 
+def plan_span(plan: list[tuple[int, bool, int | None]]) -> slice:
+    """The slices from a plan's first to its last: those between are predicted too, since a volume's
+    components are counted through adjacent slices (`lungnlb.inference.remove_small_components`),
+    as the app counts them."""
+    zs = [z for z, _, _ in plan]
+    return slice(min(zs), max(zs) + 1)
+
+
 def _predict_image(loaded: LoadedImage, predictor, crop_rule: str) -> Iterator[SliceResult]:
     record = loaded.record
-    # the slices between the plan's are predicted too: a volume's components are counted through
-    # adjacent slices (`lungnlb.inference.remove_small_components`), as the app counts them
-    first = min(z for z, _, _ in loaded.plan)
-    last = max(z for z, _, _ in loaded.plan)
-    volume = predictor.model_input(loaded.raw[first : last + 1], record["intensity"])
+    span = plan_span(loaded.plan)
+    volume = predictor.model_input(loaded.raw[span], record["intensity"])
     crop = bool(record.get("crop"))
     if crop:
         probabilities, scores = predict_crops(predictor, volume, crop_rule)
     else:
         probabilities, scores = predictor.predict_normalized(volume, record["intensity"])
     for z, has_mask, label in loaded.plan:
-        index = z - first
+        index = z - span.start
         yield SliceResult(
             record["image_id"], record["case"], record["source"], z, crop, label, float(scores[index]),
             volume[index].astype(np.float16),

@@ -34,7 +34,6 @@ from torch.utils.data import Dataset
 
 from lungnlb.data.studies import image_path, label_path, read_records, slice_plan
 from lungnlb.inference import LUNG_FIELD_MIN_SIZE, resize_batch
-from lungnlb.io.intensity import window_bounds
 
 if TYPE_CHECKING:
     from lungnlb.io.intensity import IntensityMapping
@@ -207,12 +206,16 @@ FAINT_LESION_HU = -500.0  # a lesion's mean below this is ground glass (solid no
 
 def weigh_faint_lesions(samples: list[SliceSample], weight: float, mapping: IntensityMapping) -> int:
     """Multiply, in place, the draw weight of the samples whose lesion is faint (its mean below
-    `FAINT_LESION_HU` in the model's input) by ``weight``; return how many."""
+    `FAINT_LESION_HU` through ``mapping``) by ``weight``; return how many."""
     if weight <= 0:
         raise ValueError(f"--faint-lesion-weight must be positive, got {weight}")
-    low, high = window_bounds(mapping.window)
-    level = (FAINT_LESION_HU - low) / (high - low)
-    faint = [s for s in samples if s.mask is not None and (s.mask > 0.5).any() and s.image[s.mask > 0.5].mean() < level]
+    level = float(mapping(np.array([FAINT_LESION_HU], np.float32), "hu")[0])
+
+    def is_faint(sample: SliceSample) -> bool:
+        lesion = None if sample.mask is None else sample.mask > 0.5
+        return lesion is not None and lesion.any() and sample.image[lesion].mean() < level
+
+    faint = [sample for sample in samples if is_faint(sample)]
     for sample in faint:
         sample.weight *= weight
     return len(faint)

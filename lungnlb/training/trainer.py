@@ -394,7 +394,9 @@ def load_training_set(config: TrainConfig, records: list[dict[str, Any]], split:
     weak = [s for s in train_samples if is_weak_positive(s)] if config.patch_size and config.weak_positives else []
     if config.patch_size:  # only slices whose every patch has a known truth: a lesion mask, or tumour-free
         train_samples = [s for s in train_samples if s.class_label == 0 or (s.mask is not None and s.mask.any())]
-    faint = weigh_faint_lesions(train_samples, config.faint_lesion_weight, mapping) if config.faint_lesion_weight != 1.0 else None
+    faint = None
+    if config.faint_lesion_weight != 1.0:
+        faint = weigh_faint_lesions(train_samples, config.faint_lesion_weight, mapping)
     if config.hard_negatives_from:
         train_samples += hard_negative_crops(config, train_samples)
     val_samples = load_validation_set(config, records, split, mapping) if rank == 0 else []
