@@ -155,8 +155,8 @@ def native_vs_previous() -> str:
         readers = (r.get("readers") or {}).get("model_vs_each_reader") or {}
         iq = (r.get("by_source") or {}).get("iq-othnccd") or {}
         free = r.get("tumour_free") or {}
-        called = (f"{_n(free['false_positive_rate'])} of {free['n_tumour_free_slices']}"
-                  if free.get("n_tumour_free_slices") else "–")
+        n_free = free.get("n_tumour_free_slices")
+        called = f"{round(free['false_positive_rate'] * n_free)} of {n_free}" if n_free else "–"
         left = r["excluded_patients"]
         lines.append(f"| {label} | {r['n_patients']} | {_ci(r, 'dice')} | {_ci(r, 'iou')} | {_ci(r, 'recall')} | "
                      f"{_n(readers.get('mean_over_slices'))} | {_n(iq.get('f1'))} | {called} | "
