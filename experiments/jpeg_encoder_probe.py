@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped weights")
     parser.add_argument("--split", type=Path, default=ROOT / "experiments" / "results" / "native_split.json")
     parser.add_argument("--write", action="store_true", help="store the fitted probe in the checkpoint's config")
+    parser.add_argument("--out", type=Path, default=OUT, help="the report (a candidate's: elsewhere than the default)")
     args = parser.parse_args(argv)
     checkpoint = args.checkpoint or default_checkpoint_path()
     model, config = load_model(checkpoint)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = checkpoint.resolve().relative_to(ROOT) if checkpoint.resolve().is_relative_to(ROOT) else checkpoint
     report = {"checkpoint": str(shown), "intensity": PROBE_INTENSITY, "features": int(features["train"][0].shape[1]),
               **probe.fit, "test": test, **stamp}
-    atomic_write_text(OUT, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(f"C {probe.fit['C']}, threshold {probe.threshold:.4f}: validation {probe.fit['validation']}")
     print(f"held-out blocks, probe alone: {test}")
     if args.write:

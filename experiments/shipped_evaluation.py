@@ -2,6 +2,7 @@
 the evaluation section of docs/results.md from the result files (through `experiments.doc_tables`).
 
     .venv/bin/python -m experiments.shipped_evaluation [--data ../shared/data] [--checkpoint CKPT]
+    .venv/bin/python -m experiments.shipped_evaluation --checkpoint CANDIDATE --out DIR   # a candidate's
 
 Four evaluations (`lungnlb.evaluation.evaluate`, one report each in experiments/results/):
 - crops: the LIDC nodule crops, reference = at least 2 of 4 readers, patients the weights never saw;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -51,16 +53,16 @@ def source_folder(data: Path, folders: tuple[str, ...], work: Path) -> Path:
     return link_root
 
 
-def run_set(name: str, data: Path, work: Path, predictor: Predictor, n_bootstrap: int) -> dict:
+def run_set(name: str, data: Path, work: Path, predictor: Predictor, n_bootstrap: int, results: Path) -> dict:
     folders, exclude = SETS[name]
     studies = prepared_folder(source_folder(data, folders, work), work / ("studies_" + folders[0].replace("/", "-")))
     report, _ = evaluate(studies, predictor, n_bootstrap=n_bootstrap, progress=True,
                          exclude_cases=frozenset(seen_cases(predictor.config, exclude)), exclude_reason=EXCLUDE[exclude])
     report.update(set=name, data=[str(data / f) for f in folders], model=predictor.config["model"]["name"], **run_stamp())
-    figures = [patient_dice(report, RESULTS / f"evaluation_{name}_patient_dice.png"),
-               froc_curve(report, RESULTS / f"evaluation_{name}_froc.png")]
-    report["figures"] = [str(p.relative_to(ROOT)) for p in figures if p is not None]
-    atomic_write_text(RESULTS / f"evaluation_{name}.json", json.dumps(report, indent=1, default=float))
+    figures = [patient_dice(report, results / f"evaluation_{name}_patient_dice.png"),
+               froc_curve(report, results / f"evaluation_{name}_froc.png")]
+    report["figures"] = [os.path.relpath(p, ROOT) for p in figures if p is not None]
+    atomic_write_text(results / f"evaluation_{name}.json", json.dumps(report, indent=1, default=float))
     return report
 
 
@@ -116,11 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", nargs="+", default=["crops", "vois", "whole_unseen"], choices=list(SETS),
                         help="whole_all adds every whole-slice patient, trained-on ones included (flagged)")
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--out", type=Path, help="write the reports here and leave docs/results.md alone "
+                        "(for a candidate; default: the shipped weights' result files and docs)")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="lungnlb-shipped-evaluation-"))
     predictor = Predictor.from_checkpoint(args.checkpoint)
-    reports = {name: run_set(name, args.data, work, predictor, args.bootstrap) for name in args.sets}
+    results = args.out or RESULTS
+    results.mkdir(parents=True, exist_ok=True)
+    reports = {name: run_set(name, args.data, work, predictor, args.bootstrap, results) for name in args.sets}
     print(section(reports))
+    if args.out:
+        return 0
     return doc_tables.main(["shipped-evaluation"])  # docs/results.md from every evaluation_*.json now present
 
 
