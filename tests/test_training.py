@@ -271,13 +271,12 @@ def test_ground_glass_lesion_slices_are_drawn_more_often():
     from lungnlb.training.dataset import SliceSample, weigh_faint_lesions
 
     mapping = IntensityMapping()
-    to_input = lambda hu: float(mapping(np.array([[hu]], np.float32), "hu")[0, 0])  # noqa: E731
     mask = np.zeros((8, 8), bool)
     mask[2:5, 2:5] = True
 
     def lesion(hu_inside):
-        image = np.full((8, 8), to_input(-850.0), np.float32)
-        image[mask] = to_input(hu_inside)
+        image = np.full((8, 8), mapping.input_of_hu(-850.0), np.float32)
+        image[mask] = mapping.input_of_hu(hu_inside)
         return SliceSample("i", "c", "s", 0, image, mask.copy(), 1)
 
     ground_glass, solid, tumour_free = lesion(-650.0), lesion(30.0), SliceSample("j", "c", "s", 0, np.zeros((8, 8), np.float32), None, 0)

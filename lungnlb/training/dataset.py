@@ -209,11 +209,13 @@ def weigh_faint_lesions(samples: list[SliceSample], weight: float, mapping: Inte
     `FAINT_LESION_HU` through ``mapping``) by ``weight``; return how many."""
     if weight <= 0:
         raise ValueError(f"--faint-lesion-weight must be positive, got {weight}")
-    level = float(mapping(np.array([FAINT_LESION_HU], np.float32), "hu")[0])
+    level = mapping.input_of_hu(FAINT_LESION_HU)
 
     def is_faint(sample: SliceSample) -> bool:
-        lesion = None if sample.mask is None else sample.mask > 0.5
-        return lesion is not None and lesion.any() and sample.image[lesion].mean() < level
+        if sample.mask is None:
+            return False
+        lesion = sample.mask > 0.5
+        return lesion.any() and sample.image[lesion].mean() < level
 
     faint = [sample for sample in samples if is_faint(sample)]
     for sample in faint:
