@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lungnlb.checkpoint import build_from_config, checkpoint_paths, read_config, save_checkpoint
+from lungnlb.checkpoint import load_model, save_checkpoint
 
 OWN_KEYS = ("slice_probe", "metrics", "step", "format", "lungnlb_version")
 
@@ -54,13 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", type=float, nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    configs = [read_config(path) for path in args.checkpoints]
+    models, configs = zip(*(load_model(path) for path in args.checkpoints))
     if any(config["model"] != configs[0]["model"] for config in configs):
         raise SystemExit("average_weights: the checkpoints are of different models: "
                          + ", ".join(str(config["model"]) for config in configs))
-    states = [torch.load(checkpoint_paths(path)[0], map_location="cpu", weights_only=True) for path in args.checkpoints]
-    model = build_from_config(configs[0])
-    model.load_state_dict(average_state_dicts(states, args.fractions))
+    model = models[0]
+    model.load_state_dict(average_state_dicts([m.state_dict() for m in models], args.fractions))
     config = {key: value for key, value in configs[0].items() if key not in OWN_KEYS}
     config["averaged_from"] = [{"checkpoint": str(path), "fraction": fraction, "step": c.get("step")}
                                for path, fraction, c in zip(args.checkpoints, args.fractions, configs)]
