@@ -106,6 +106,8 @@ def section(reports: dict[str, dict]) -> str:
             froc = t.get("froc", {}).get("score")
             lines.append(f"| {name} | {t['n_tumour_free_slices']} | {_n(t['false_positive_rate'])} | "
                          f"{_n(t['false_positive_components_per_slice'])} | {_n(t['lesion_sensitivity'])} | {_n(froc)} |")
+            lines += [f"| {name}: series {row['image_id']} | {row['n_tumour_free_slices']} | "
+                      f"{_n(row['called_tumour'] / row['n_tumour_free_slices'])} | | | |" for row in t.get("by_series", [])]
     lines += [""] + [f"![{name}](../{figure})" for name, r in reports.items() for figure in r["figures"]] + ["", END]
     return "\n".join(lines)
 

@@ -55,6 +55,17 @@ def test_report_by_hand():
     assert rows["b"]["dice"] == 0.0 and rows["c"]["tumour_free_called_tumour"] == 1
 
 
+def test_tumour_free_calls_by_series_count_each_ct_series_and_leave_single_slices_out():
+    free, empty = np.zeros((8, 8), bool), np.zeros((8, 8), np.float32)
+    results = [_slice("p", free, empty, label=0, score=score) for score in (0.9, 0.1, 0.8)]
+    results += [_slice("p", free, empty, label=0, score=0.9), _slice("q", free, empty, label=0, score=0.9)]
+    for result, image in zip(results, ("lung", "lung", "body", "body", "jpeg")):
+        result.image_id = image
+    series = build_report(score_slices(results, 0.5), 0.5, n_bootstrap=0)["tumour_free"]["by_series"]
+    assert series == [{"image_id": "body", "patient": "p", "n_tumour_free_slices": 2, "called_tumour": 2},
+                      {"image_id": "lung", "patient": "p", "n_tumour_free_slices": 2, "called_tumour": 1}]
+
+
 def test_specificity_is_null_without_tumour_free_slices_and_crops_never_count_as_tumour_free():
     tumour = _box(2, 4, 2, 4) > 0
     results = [_slice("a", tumour, _box(2, 4, 2, 4, 0.9), label=1, score=0.9),

@@ -85,6 +85,8 @@ def to_markdown(report: dict[str, Any], title: str = "LungNLB evaluation") -> st
                   f"false-positive components per slice {_number(t['false_positive_components_per_slice'])}; "
                   f"lesion sensitivity {_number(t['lesion_sensitivity'])} ({t['n_lesions']} lesions)"
                   + (f"; FROC score {t['froc']['score']:.3f}" if t.get("froc") else "") + "."]
+        lines += [f"- series {row['image_id']} ({row['patient']}): {row['called_tumour']} of "
+                  f"{row['n_tumour_free_slices']} tumour-free slices called tumour" for row in t.get("by_series", [])]
     without = report["patients_without_reference"]
     lines += ["", f"Patients without a tumour slice (no Dice): {without['count']}."]
     return "\n".join(lines) + "\n"

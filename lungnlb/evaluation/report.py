@@ -14,7 +14,8 @@ patient with it), ``coverage`` (what each figure is computed over), ``by_source`
 ``patients_without_reference`` (counted, never silently dropped), ``readers`` (crops with several
 radiologists: the model against the consensus and against each reader, and the human reference)
 and ``tumour_free`` (whole slices only: classifier specificity and false-positive rate,
-false-positive components per tumour-free slice, lesion-level sensitivity, FROC from MONAI).
+false-positive components per tumour-free slice, lesion-level sensitivity, FROC from MONAI, and
+the calls per CT series, whose reconstructions of one scan can differ).
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def tumour_free(table: SliceTable) -> dict[str, Any] | None:
         "false_positive_components_per_slice": _mean(table.false_positive_components[free[table.detection[free]]]),
         "slices_with_false_positive_mask": _mean(table.false_positive_components[free[table.detection[free]]] > 0),
         "n_lesions": lesions, "lesion_sensitivity": float(table.found[detection].sum() / lesions) if lesions else None,
+        "by_series": tumour_free_by_series(table, labelled_free),
     }
     if lesions:
         tp_scores = np.array([s for i in detection for s in table.lesion_scores[i]], np.float32)
@@ -162,6 +164,18 @@ def tumour_free(table: SliceTable) -> dict[str, Any] | None:
             "score_at": list(FROC_FALSE_POSITIVES), "n_slices": len(detection),
         }
     return report
+
+
+def tumour_free_by_series(table: SliceTable, rows: np.ndarray) -> list[dict[str, Any]]:
+    """Tumour-free slices called tumour per image that holds several of ``rows`` (a CT series: two
+    reconstructions of one scan can differ, and a JPEG slice alone says nothing)."""
+    images, counts = np.unique(table.image[rows], return_counts=True)
+    series = []
+    for image in images[counts > 1]:
+        idx = rows[table.image[rows] == image]
+        series.append({"image_id": image, "patient": table.patient[idx[0]], "n_tumour_free_slices": len(idx),
+                       "called_tumour": int(table.positive_call[idx].sum())})
+    return series
 
 
 def build_report(table: SliceTable, threshold: float, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:

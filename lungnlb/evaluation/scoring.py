@@ -30,6 +30,7 @@ class SliceTable:
     """Columns, each of length n_slices (lists where a slice has several values)."""
 
     patient: np.ndarray
+    image: np.ndarray
     source: np.ndarray
     crop: np.ndarray
     tumour: np.ndarray
@@ -100,6 +101,7 @@ def score_slices(results: list[SliceResult], threshold: float) -> SliceTable:
 
     return SliceTable(
         patient=np.array([r.case for r in results], dtype=object),
+        image=np.array([r.image_id for r in results], dtype=object),
         source=np.array([r.source for r in results], dtype=object),
         crop=np.array([r.crop for r in results], bool),
         tumour=column("tumour", bool), tumour_free=column("tumour_free", bool),
