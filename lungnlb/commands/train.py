@@ -32,6 +32,8 @@ HELP = {
                       "slices only one reader outlined",
     "faint_lesion_weight": "draw the training slices whose lesion is ground glass (its mean below -500 HU) this many "
                            "times as often as the other lesion slices",
+    "kernel_augment": "native-resolution training: probability of each of two augmentation steps, a softer "
+                      "(Gaussian blur) and a sharper (unsharp mask) reconstruction kernel (0: none)",
     "batch_size": "per process",
     "seg_weight": "weight of the DiceCE segmentation loss",
     "cls_weight": "weight of the BCE classification loss",

@@ -84,6 +84,7 @@ class TrainConfig:
     pos_fraction: float = 0.5  # share of patches centred on a lesion (native-resolution training)
     reader_targets: bool = False  # soft masks from each reader's outline where there are some (native training)
     faint_lesion_weight: float = 1.0  # draw slices whose lesion is ground glass this much more often (training.dataset)
+    kernel_augment: float = 0.0  # native training: probability of a softer and of a sharper kernel step (training.augment)
     steps: int = 2000
     batch_size: int = 8
     lr: float = 1e-3
@@ -541,7 +542,8 @@ def _loader(config: TrainConfig, samples: list[SliceSample], weights: np.ndarray
     """MONAI's DataLoader over the augmented samples, drawn by a seeded weighted sampler (this rank's shard)."""
     transform_seed = config.seed * 1000 + rank + step
     if config.patch_size:
-        transform = patch_transforms(transform_seed, config.patch_size, mapping.air(), config.pos_fraction, config.augment)
+        transform = patch_transforms(transform_seed, config.patch_size, mapping.air(), config.pos_fraction, config.augment,
+                                     config.kernel_augment)
     else:
         transform = train_transforms(transform_seed) if config.augment else None
     sampler = WeightedShardSampler(weights, config.seed, rank, world_size)
