@@ -17,12 +17,18 @@ def _edge() -> dict:
 
 
 def test_no_kernel_steps_at_zero_so_the_default_recipe_is_unchanged():
-    assert kernel_steps(0.0) == []
-    assert [type(t) for t in augmentation()] == [type(t) for t in augmentation(kernel_prob=0.0)]
+    from monai.transforms import RandGaussianNoised, RandGaussianSharpend
+
+    default = [type(t) for t in augmentation()]
+    assert kernel_steps(0.0) == [] and RandGaussianSharpend not in default
+    with_kernel = [type(t) for t in augmentation(kernel_prob=0.5)]
+    noise = with_kernel.index(RandGaussianNoised)
+    assert len(with_kernel) == len(default) + 2 and with_kernel[noise - 1] is RandGaussianSharpend
+    assert with_kernel[:noise - 2] + with_kernel[noise:] == default
     item = {"image": torch.rand(1, 40, 40), "mask": (torch.rand(1, 40, 40) > 0.9).float()}
-    before = patch_transforms(3, 32, air=0.0)(dict(item))[0]["image"]
-    after = patch_transforms(3, 32, air=0.0, kernel_prob=0.0)(dict(item))[0]["image"]
-    assert torch.equal(before, after)
+    plain = patch_transforms(3, 32, air=0.0)(dict(item))[0]["image"]
+    kernel = patch_transforms(3, 32, air=0.0, kernel_prob=1.0)(dict(item))[0]["image"]
+    assert not torch.equal(plain, kernel)
 
 
 def test_kernel_steps_soften_and_sharpen_an_edge():
