@@ -13,7 +13,7 @@ from train_helpers import TINY_KWARGS, synthetic_studies, write_study
 from lungnlb.inference import Predictor
 from lungnlb.networks import build_model
 from lungnlb.slice_probe import SliceProbe, window_corners
-from lungnlb.training.slice_probe import fit_slice_probe, grouped_folds, probe_pool
+from lungnlb.training.slice_probe import fit_slice_probe
 from lungnlb.training.trainer import TrainConfig, train
 
 PATCH = 32
@@ -89,63 +89,20 @@ def test_the_probe_calls_slices_of_its_kind_only_and_never_adds_an_outline(inter
     assert predictor.predict(hu, "hu").slice_probability < predictor.threshold
 
 
-def _blocks(rng, n_blocks: int, per_block: int, tumour: bool, shift: float = 1.5):
-    labels = np.full(n_blocks * per_block, tumour)
-    groups = np.repeat([f"{'t' if tumour else 'n'}{i}" for i in range(n_blocks)], per_block)
-    return rng.normal(labels[:, None] * shift, 1.0, (len(labels), 4)), labels, groups
-
-
-def _pool(*parts):
-    return tuple(np.concatenate(column) for column in zip(*parts))
-
-
-def test_the_fit_keeps_the_best_out_of_fold_f1_within_a_tenth_of_the_normals():
+def test_the_fit_keeps_the_best_f1_within_a_tenth_of_the_validation_normals():
     rng = np.random.default_rng(0)
-    features, labels, groups = _pool(_blocks(rng, 6, 10, True), _blocks(rng, 6, 10, False))
-    probe = fit_slice_probe(features, labels, groups)
-    row = probe.fit["out_of_fold"]
-    assert row["normals_called_tumour"] <= 6 and row["normal_slices"] == 60 and row["tumour_slices"] == 60
+
+    def draw(n_tumour: int, n_normal: int):
+        labels = np.r_[np.ones(n_tumour, bool), np.zeros(n_normal, bool)]
+        return rng.normal(labels[:, None] * 1.5, 1.0, (len(labels), 4)), labels
+
+    probe = fit_slice_probe(draw(60, 60), draw(30, 20))
+    row = probe.fit["validation"]
+    assert row["normals_called_tumour"] <= 2 and row["normal_slices"] == 20
     assert 0.5 < row["f1"] <= 1.0 and probe.coef.shape == (4,)
-    assert probe.fit["folds"] == 5 and probe.fit["cases"] == 12
-    called = probe.probability(features) >= probe.threshold
-    assert called[labels].mean() > 0.5 and called[~labels].mean() < 0.3
-
-
-def test_no_fold_holds_a_case_on_both_sides_and_every_fitting_side_has_both_classes():
-    rng = np.random.default_rng(1)
-    _, labels, groups = _pool(_blocks(rng, 7, 3, True), _blocks(rng, 5, 4, False))
-    folds = grouped_folds(labels, groups)
-    assert len(folds) == 5
-    assert sorted(np.concatenate([held_out for _, held_out in folds]).tolist()) == list(range(len(labels)))
-    for fitting, held_out in folds:
-        assert not set(groups[fitting]) & set(groups[held_out])
-        assert set(labels[fitting]) == {True, False}
-
-
-def test_a_threshold_chosen_out_of_fold_ignores_what_a_case_says_about_itself():
-    """Each tumour case carries a feature of its own that marks it: fitted and scored on the same
-    slices it would separate the classes perfectly; out of fold it says nothing, and the threshold
-    must not promise what only the fitted slices show."""
-    rng = np.random.default_rng(2)
-    n_cases, per_case = 10, 6
-    features = rng.normal(0.0, 1.0, (2 * n_cases * per_case, 2 * n_cases))
-    labels = np.repeat([True, False], n_cases * per_case)
-    groups = np.repeat(np.arange(2 * n_cases), per_case)
-    for case in range(n_cases):
-        features[groups == case, case] += 6.0
-    probe = fit_slice_probe(features, labels, groups)
-    assert probe.fit["out_of_fold"]["f1"] < 0.8
-
-
-def test_a_pool_needs_two_cases_of_each_class_and_ten_normals():
-    def record(case, label):
-        return {"case": case, "intensity": "windowed8bit", "class_label": label}
-
-    split = {"cases": {"train": ["a", "b", "c"], "val": ["d"], "test": ["e"]}}
-    records = [record("a", 1), record("b", 1)] + [record("c", 0)] * 6 + [record("d", 0)] * 4 + [record("e", 0)]
-    assert len(probe_pool(records, split)) == 12
-    assert probe_pool(records[:-2], split) is None  # 9 normals
-    assert probe_pool([record("a", 1)] * 2 + records[2:], split) is None  # one tumour case
+    few_normals = (np.r_[np.zeros((5, 4)), np.full((1, 4), 9.0)], np.r_[np.ones(5, bool), False])
+    with pytest.raises(ValueError, match="at most 0 of the 1 validation normals"):
+        fit_slice_probe(draw(20, 20), few_normals)
 
 
 def _studies_with_jpegs(root):
@@ -172,10 +129,10 @@ def test_training_fits_the_probe_into_the_best_checkpoint_only(tmp_path):
                   batch_size=4, val_every=2, split=str(tmp_path / "split.json"), progress=False, tensorboard=False)
     result = train(TrainConfig(out=str(tmp_path / "run"), **common))
     best = json.loads((tmp_path / "run" / "best.json").read_text())
-    assert best["slice_probe"]["fit"]["slices"] == 24  # 8 + 14 + the two 8-bit blocks of synthetic_studies
-    assert best["slice_probe"]["fit"]["out_of_fold"]["normal_slices"] == 15
+    assert best["slice_probe"]["fit"]["train_slices"] == 10  # 8 + the two 8-bit blocks of synthetic_studies
+    assert best["slice_probe"]["fit"]["validation"]["normal_slices"] == 10
     assert len(best["slice_probe"]["coef"]) == FEATURES
-    assert result["metrics"]["slice_probe"] == best["slice_probe"]["fit"]["out_of_fold"]
+    assert result["metrics"]["slice_probe"] == best["slice_probe"]["fit"]["validation"]
     assert "slice_probe" not in json.loads((tmp_path / "run" / "last.json").read_text())
     assert Predictor.from_checkpoint(result["best"]).slice_probe is not None
     train(TrainConfig(out=str(tmp_path / "off"), slice_probe=False, **common))

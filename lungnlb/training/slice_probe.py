@@ -1,23 +1,20 @@
 """Fit a checkpoint's slice probe (`lungnlb.slice_probe`) on its training and validation patients.
 
 The training engine's last step (`lungnlb.training.trainer.train`, after the best checkpoint is
-selected), when the training and validation cases together have single-slice images of the probe's
-intensity kind (the IQ-OTH/NCCD JPEGs) with both class labels, each in at least two cases, and at
-least `MIN_NORMALS` normals:
+selected), when the split has single-slice images of the probe's intensity kind with both class
+labels among both the training and the validation patients, and at least `MIN_VALIDATION_NORMALS`
+validation normals (the IQ-OTH/NCCD JPEGs):
 
 1. features ``f`` of each such slice by the selected checkpoint (its encoder stays frozen);
-2. for each inverse regularisation ``C`` in `C_GRID`, a logistic regression (scikit-learn,
-   standardised features) per fold of `FOLDS` folds grouped by case (``StratifiedGroupKFold``: a
-   case's slices are never on both sides), giving every slice an out-of-fold probability;
-3. the (``C``, threshold) with the best pooled out-of-fold F1 among those calling at most
-   `MAX_NORMALS_CALLED` of the pooled normals tumour (the target's 10 %); ties keep the smaller ``C``;
-4. the regression refitted on every slice with that ``C``, at that threshold, written into the
-   checkpoint's config (``slice_probe``), the weights unchanged.
+2. a logistic regression (scikit-learn, standardised features) on the training slices for each
+   inverse regularisation ``C`` in `C_GRID`;
+3. on the validation slices only: the (``C``, threshold) with the best F1 among those calling at
+   most `MAX_NORMALS_CALLED` of the validation normals tumour (the target's 10 %); ties keep the
+   smaller ``C``;
+4. the probe written into the checkpoint's config (``slice_probe``), the weights unchanged.
 
-Pooling the folds places the threshold on every normal of the training and validation cases, not on
-the few of the validation cases alone (`experiments/results/probe_grouped_cv/`). A checkpoint trained
-further (the app's fine-tune, `lungnlb train --init`) starts without a probe: its encoder is no
-longer the one the probe was fitted on.
+A checkpoint trained further (the app's fine-tune, `lungnlb train --init`) starts without it: its
+encoder is no longer the one the probe was fitted on.
 """
 
 from __future__ import annotations
@@ -35,8 +32,7 @@ from lungnlb.slice_probe import SliceProbe
 PROBE_INTENSITY = "windowed8bit"
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 MAX_NORMALS_CALLED = 0.10
-MIN_NORMALS = 10  # so that the 10 % allows one: fewer cannot choose a threshold
-FOLDS = 5
+MIN_VALIDATION_NORMALS = 10  # so that the 10 % allows one: fewer cannot choose a threshold
 
 
 def probe_records(records: list[dict[str, Any]], cases: list[str], intensity: str = PROBE_INTENSITY
@@ -51,13 +47,14 @@ def both_classes(records: list[dict[str, Any]]) -> bool:
     return {r["class_label"] for r in records} == {0, 1}
 
 
-def probe_pool(records: list[dict[str, Any]], split: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The records of the training and validation cases a probe fits on, or None when they lack what
-    the module docstring asks for (both classes, each in two cases or more; `MIN_NORMALS` normals)."""
-    pool = probe_records(records, [*split["cases"]["train"], *split["cases"]["val"]])
-    cases = [{r["case"] for r in pool if r["class_label"] == label} for label in (0, 1)]
-    normals = sum(r["class_label"] == 0 for r in pool)
-    return pool if min(len(c) for c in cases) >= 2 and normals >= MIN_NORMALS else None
+def probe_subsets(records: list[dict[str, Any]], split: dict[str, Any]) -> dict[str, list[dict[str, Any]]] | None:
+    """{"train", "val": the records a probe fits on}, or None when the split lacks what the module
+    docstring asks for (both classes in both subsets, `MIN_VALIDATION_NORMALS` validation normals)."""
+    chosen = {subset: probe_records(records, split["cases"][subset]) for subset in ("train", "val")}
+    normals = sum(r["class_label"] == 0 for r in chosen["val"])
+    if not all(both_classes(subset) for subset in chosen.values()) or normals < MIN_VALIDATION_NORMALS:
+        return None
+    return chosen
 
 
 def subset_features(predictor, studies: Path, records: list[dict[str, Any]],
@@ -85,56 +82,29 @@ def operating_point(probability: np.ndarray, labels: np.ndarray, threshold: floa
             "tumour_slices": int(labels.sum())}
 
 
-def grouped_folds(labels: np.ndarray, groups: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(fitting, held-out) indices of `FOLDS` folds (fewer when there are fewer groups), stratified by
-    label and grouped by ``groups``; each fitting side holds both labels."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    folds = list(StratifiedGroupKFold(n_splits=min(FOLDS, len(set(groups)))).split(labels, labels, groups))
-    if any(len(set(labels[fitting])) < 2 for fitting, _ in folds):
-        raise ValueError("a fold of the slice probe's cross-validation lacks one class: too few cases of it")
-    return folds
-
-
-def _regression(c: float):
+def fit_slice_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+                    intensity: str = PROBE_INTENSITY) -> SliceProbe:
+    """Steps 2-3 of the module docstring on (features, labels) of the training and validation slices."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
-
-
-def out_of_fold_probability(features: np.ndarray, labels: np.ndarray, folds, c: float) -> np.ndarray:
-    """Each slice's probability by the regression (inverse regularisation ``c``) fitted without its fold."""
-    probability = np.empty(len(labels))
-    for fitting, held_out in folds:
-        probability[held_out] = _regression(c).fit(features[fitting], labels[fitting]).predict_proba(
-            features[held_out])[:, 1]
-    return probability
-
-
-def fit_slice_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
-                    intensity: str = PROBE_INTENSITY) -> SliceProbe:
-    """Steps 2-4 of the module docstring on (N, F) ``features``, (N,) bool ``labels`` and (N,) ``groups``
-    (the slices' cases)."""
-    folds = grouped_folds(labels, np.asarray(groups))
-    allowed = math.floor(MAX_NORMALS_CALLED * int((~labels).sum()))
+    allowed = math.floor(MAX_NORMALS_CALLED * int((~val[1]).sum()))
     best = None
     for c in C_GRID:
-        probability = out_of_fold_probability(features, labels, folds, c)
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000)).fit(*train)
+        probability = model.predict_proba(val[0])[:, 1]
         for threshold in np.unique(probability):
-            row = operating_point(probability, labels, threshold)
-            if row["normals_called_tumour"] <= allowed and (best is None or row["f1"] > best[1]["f1"]):
-                best = (c, row)
-    if best is None:  # under 10 normals (none may be called) and a normal scoring highest out of fold
-        raise ValueError(f"no slice probe calls at most {allowed} of the {int((~labels).sum())} normals tumour "
-                         "out of fold")
-    c, row = best
-    model = _regression(c).fit(features, labels)
+            row = operating_point(probability, val[1], threshold)
+            if row["normals_called_tumour"] <= allowed and (best is None or row["f1"] > best[2]["f1"]):
+                best = (c, model, row)
+    if best is None:  # e.g. under 10 validation normals (none may be called) and a normal scoring highest
+        raise ValueError(f"no slice probe calls at most {allowed} of the {int((~val[1]).sum())} validation "
+                         "normals tumour")
+    c, model, row = best
     scaler, regression = model.named_steps["standardscaler"], model.named_steps["logisticregression"]
-    fit = {"C": c, "slices": len(labels), "cases": len(set(groups)), "folds": len(folds), "out_of_fold": row}
     return SliceProbe(intensity, scaler.mean_, scaler.scale_, regression.coef_[0], float(regression.intercept_[0]),
-                      row["threshold"], fit)
+                      row["threshold"], {"C": c, "train_slices": len(train[1]), "validation": row})
 
 
 def add_slice_probe(checkpoint: Path, studies: Path, records: list[dict[str, Any]], split: dict[str, Any],
@@ -145,11 +115,12 @@ def add_slice_probe(checkpoint: Path, studies: Path, records: list[dict[str, Any
     from lungnlb.checkpoint import load_model, save_checkpoint
     from lungnlb.inference import Predictor
 
-    pool = probe_pool(records, split)
-    if pool is None:
+    chosen = probe_subsets(records, split)
+    if chosen is None:
         return None
     model, config = load_model(checkpoint)
-    features, labels = subset_features(Predictor(model, config), Path(studies), pool, progress)
-    probe = fit_slice_probe(features, labels, np.array([r["case"] for r in pool]))
+    predictor = Predictor(model, config)
+    train, val = (subset_features(predictor, Path(studies), chosen[subset], progress) for subset in ("train", "val"))
+    probe = fit_slice_probe(train, val)
     save_checkpoint(checkpoint, model, {**config, "slice_probe": probe.as_config()})
     return probe

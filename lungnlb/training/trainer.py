@@ -377,7 +377,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if rank == 0 and config.slice_probe and config.patch_size and isinstance(result["model"], SegClsUNet) and data.val:
         probe = add_slice_probe(result["best"], Path(config.data), records, split, _probe_progress(config))
         if probe is not None:
-            result["metrics"] = {**result["metrics"], "slice_probe": probe.fit["out_of_fold"]}
+            result["metrics"] = {**result["metrics"], "slice_probe": probe.fit["validation"]}
     return {**result, "split": split_path}
 
 
