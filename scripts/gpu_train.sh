@@ -21,7 +21,21 @@ pack() {
     cp "$split" .gpu/split.json
     .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu/wheels $PACKAGES
-    du -sh .gpu
+    carried_size
+}
+
+carried_size() {  # a device call carries the working tree git sees and .gpu, 64 MiB in all
+    .venv/bin/python - <<'EOF'
+import subprocess, sys
+from pathlib import Path
+listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                        capture_output=True, check=True).stdout.split(b"\0")
+files = [Path(name.decode()) for name in listed if name] + list(Path(".gpu").rglob("*"))
+size = sum(path.stat().st_size for path in files if path.is_file())
+print(f"a device call would carry {size / 2**20:.1f} MiB (the repository and .gpu) of its 64 MiB")
+if size > 64 * 2**20:
+    sys.exit("too much to carry: pack with a larger --slice-step (experiments/compact_studies.py)")
+EOF
 }
 
 train() {
