@@ -35,7 +35,8 @@ FORMS = {"as served": ((),), "left-right": ((), (-1,)), "four mirrors": ((), (-1
 
 class FlipAveraged:
     """A native-resolution `Predictor` whose window probabilities are averaged over ``flips`` (axes of
-    a (Z, Y, X) volume mirrored); everything else is the predictor's own."""
+    a (Z, Y, X) volume mirrored); the rest is the predictor's own, except that a slice's probability
+    is its mask's alone: no slice probe is applied (the crops measured here are of no probe's kind)."""
 
     def __init__(self, predictor: Predictor, flips: tuple[tuple[int, ...], ...]):
         if not predictor.native:
