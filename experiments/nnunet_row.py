@@ -18,7 +18,8 @@ schedule, set to what fits the budget, as the library's engine does with its cos
 Inference keeps nnU-Net's sliding window with Gaussian weights but no mirroring (the other rows have
 no test-time augmentation); a slice is called tumour when its mask is non-empty at 0.5.
 
-nnunetv2 is an optional extra (`pip install '.[nnunet]'`, in its own environment: it needs numpy 2).
+nnunetv2 is an optional extra (`pip install '.[nnunet]'`), best in its own environment, so the main one
+is left as it is (docs/results.md shows how).
 """
 
 from __future__ import annotations
